@@ -1,0 +1,95 @@
+"""Benchmark records: one per finished job, in its outbox folder and in the history.
+
+The history is a JSON-lines file appended with fsync; a reader skips a torn last line, so a
+crash while appending costs at most that one record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from runner.durable import append_line_durably
+
+HISTORY = "benchmarks.jsonl"
+
+
+def _rate(amount: float, seconds: float) -> float:
+    return round(amount / seconds, 3) if seconds > 0 else 0.0
+
+
+def build_record(
+    *,
+    job_id: str,
+    status: str,
+    model: str,
+    source: str,
+    endpoint: str | None,
+    engine: dict[str, Any],
+    counts: dict[str, int],
+    prompt_tokens: int,
+    completion_tokens: int,
+    prompt_chars: int,
+    requested_max_tokens: int | None,
+    load_seconds: float,
+    run_seconds: float,
+    estimate: dict[str, Any] | None,
+    finished_at: str,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything SPEC section 6 names, in one flat-enough dict."""
+    total_tokens = prompt_tokens + completion_tokens
+    requests = counts.get("completed", 0) + counts.get("failed", 0)
+    estimated = (estimate or {}).get("run_seconds")
+    return {
+        "job_id": job_id,
+        "status": status,
+        "finished_at": finished_at,
+        "model": model,
+        "source": source,
+        "endpoint": endpoint,
+        "hardware": engine.get("hardware"),
+        "engine_version": engine.get("engine_version"),
+        "engine_settings": engine.get("settings", {}),
+        "request_counts": counts,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "prompt_chars": prompt_chars,
+        "requested_max_tokens": requested_max_tokens,
+        "load_seconds": round(load_seconds, 3),
+        "run_seconds": round(run_seconds, 3),
+        "throughput": {
+            "requests_per_second": _rate(requests, run_seconds),
+            "prompt_tokens_per_second": _rate(prompt_tokens, run_seconds),
+            "completion_tokens_per_second": _rate(completion_tokens, run_seconds),
+            "total_tokens_per_second": _rate(total_tokens, run_seconds),
+        },
+        "estimate": estimate,
+        "estimate_error": (
+            round((estimated - run_seconds) / run_seconds, 4)
+            if estimated is not None and run_seconds > 0
+            else None
+        ),
+        "metadata": metadata or {},
+    }
+
+
+def append_history(state: Path, record: dict[str, Any]) -> None:
+    append_line_durably(state / HISTORY, orjson.dumps(record))
+
+
+def read_history(state: Path) -> Iterator[dict[str, Any]]:
+    path = state / HISTORY
+    if not path.exists():
+        return
+    with open(path, "rb") as handle:
+        for line in handle:
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # a torn line from a crash while appending
+            if isinstance(record, dict):
+                yield record

@@ -1,0 +1,210 @@
+"""How the runner talks to an engine: in this process (tests), or in a child process.
+
+The GPU lives in a child process because vLLM does not reliably give GPU memory back when
+its engine is deleted; ending the process is the one release that always works. Both
+clients offer the same four calls, so the runner cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from typing import Protocol
+
+from runner.engine import Engine, EngineLoadError, ModelSpec, RequestRejected, load_engine
+from runner.types import EngineInfo, EngineOutput, EngineRequest
+
+
+class EngineDied(Exception):
+    """The engine process ended while requests were in it."""
+
+
+class EngineClient(Protocol):
+    info: EngineInfo
+
+    def submit(self, requests: list[EngineRequest]) -> None: ...
+
+    def poll(self, timeout: float) -> list[EngineOutput]:
+        """Finished outputs, waiting up to `timeout` seconds for the first one."""
+
+    def abort(self, keys: list[str]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _rejected(request: EngineRequest, error: RequestRejected) -> EngineOutput:
+    return EngineOutput(request.key, 0, error_code=error.code, error_message=error.message)
+
+
+def _add_all(engine: Engine, requests: list[EngineRequest], ready: list[EngineOutput]) -> None:
+    for request in requests:
+        try:
+            engine.add(request)
+        except RequestRejected as error:
+            ready.append(_rejected(request, error))
+
+
+class LocalClient:
+    """Drives an engine in this process; for tests and for the fake engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.info = engine.info
+        self.ready: list[EngineOutput] = []
+
+    def submit(self, requests: list[EngineRequest]) -> None:
+        _add_all(self.engine, requests, self.ready)
+
+    def poll(self, timeout: float) -> list[EngineOutput]:
+        outputs, self.ready = self.ready, []
+        if self.engine.has_unfinished():
+            outputs += self.engine.step()
+        elif not outputs and timeout:
+            time.sleep(min(timeout, 0.01))
+        return outputs
+
+    def abort(self, keys: list[str]) -> None:
+        self.engine.abort(keys)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _child_main(spec: ModelSpec, connection) -> None:
+    os.environ.update(spec.environment)
+    try:
+        engine = load_engine(spec)
+    except Exception as error:  # anything at load is reported to the parent in words
+        connection.send(("failed", f"{type(error).__name__}: {error}"))
+        return
+    connection.send(("ready", engine.info))
+    inbox: queue.Queue = queue.Queue()
+
+    def receive() -> None:
+        # A thread drains the pipe so that the parent never blocks on a send while this
+        # process is busy stepping or blocked sending outputs back.
+        while True:
+            try:
+                inbox.put(connection.recv())
+            except (EOFError, OSError):
+                inbox.put(("close", None))
+                return
+
+    threading.Thread(target=receive, daemon=True).start()
+    ready: list[EngineOutput] = []
+    while True:
+        busy = engine.has_unfinished() or ready
+        try:
+            message = inbox.get_nowait() if busy else inbox.get()
+        except queue.Empty:
+            message = None
+        while message is not None:
+            kind, payload = message
+            if kind == "close":
+                engine.close()
+                return
+            if kind == "submit":
+                _add_all(engine, payload, ready)
+            elif kind == "abort":
+                engine.abort(payload)
+            try:
+                message = inbox.get_nowait()
+            except queue.Empty:
+                message = None
+        if engine.has_unfinished():
+            ready += engine.step()
+        if ready:
+            connection.send(("outputs", ready))
+            ready = []
+
+
+class EngineProcess:
+    """An engine in a child process, kept while jobs for its model follow."""
+
+    def __init__(self, spec: ModelSpec, load_timeout: float = 1800.0) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.connection, child_end = context.Pipe()
+        self.process = context.Process(
+            target=_child_main, args=(spec, child_end), name=f"engine-{spec.alias}", daemon=True
+        )
+        started = time.monotonic()
+        self.process.start()
+        child_end.close()
+        self.spec = spec
+        self.info = self._wait_ready(load_timeout)
+        self.started_seconds = time.monotonic() - started
+
+    def _wait_ready(self, timeout: float) -> EngineInfo:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.connection.poll(0.5):
+                try:
+                    kind, payload = self.connection.recv()
+                except EOFError:
+                    break
+                if kind == "ready":
+                    return payload
+                self.close()
+                raise EngineLoadError(f"model {self.spec.alias!r} failed to load: {payload}")
+            if not self.process.is_alive():
+                break
+        self.close()
+        raise EngineLoadError(
+            f"the engine for model {self.spec.alias!r} ended while loading "
+            f"(exit code {self.process.exitcode})"
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def submit(self, requests: list[EngineRequest]) -> None:
+        try:
+            self.connection.send(("submit", requests))
+        except (BrokenPipeError, OSError) as error:
+            raise EngineDied(self._death()) from error
+
+    def poll(self, timeout: float) -> list[EngineOutput]:
+        outputs: list[EngineOutput] = []
+        try:
+            wait = timeout
+            while self.connection.poll(wait):
+                kind, payload = self.connection.recv()
+                if kind == "outputs":
+                    outputs += payload
+                wait = 0
+        except (EOFError, OSError) as error:
+            raise EngineDied(self._death()) from error
+        if not outputs and not self.process.is_alive():
+            raise EngineDied(self._death())
+        return outputs
+
+    def _death(self) -> str:
+        self.process.join(timeout=5)
+        return (
+            f"the engine process for {self.spec.alias!r} ended (exit code {self.process.exitcode})"
+        )
+
+    def abort(self, keys: list[str]) -> None:
+        try:
+            self.connection.send(("abort", keys))
+        except (BrokenPipeError, OSError):
+            pass  # a dead engine has nothing left to abort
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self.process.is_alive():
+            try:
+                self.connection.send(("close", None))
+            except (BrokenPipeError, OSError):
+                pass
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self.connection.close()

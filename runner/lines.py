@@ -1,0 +1,261 @@
+"""Request lines: read them from a file in bounded memory, check them, and map each onto an
+engine request, or onto the error that line gets.
+
+Reading streams the file in blocks, so a 200,000-line file or a single 50 MB line costs
+no more memory than the longest line allowed by the limits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from runner.bodies import BODY_MODELS, ChatBody, CompletionBody, EmbeddingBody
+from runner.types import CHAT, COMPLETIONS, ENDPOINTS, EngineRequest
+
+BLOCK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_file_bytes: int = 2 << 30
+    max_line_bytes: int = 4 << 20
+    max_lines: int = 1_000_000
+    max_tokens: int = 32_768
+    max_n: int = 16
+
+
+@dataclass(frozen=True)
+class RawLine:
+    number: int  # 1-based, counting every physical line, so users can find it
+    data: bytes | None  # None when the line was longer than the limit
+    length: int
+
+
+@dataclass(frozen=True)
+class LineError:
+    line: int
+    custom_id: str | None
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ParsedLine:
+    line: int
+    custom_id: str
+    url: str
+    model: str | None
+    request: EngineRequest
+    prompt_chars: int
+
+
+class FileRejected(Exception):
+    """The file as a whole cannot run (empty, not UTF-8, over a limit, no valid line)."""
+
+    def __init__(self, code: str, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.line = line
+
+
+def read_raw_lines(path: Path, max_line_bytes: int) -> Iterator[RawLine]:
+    """Yield the file's non-blank lines; a line over `max_line_bytes` comes without data."""
+    number = 0
+    pending = bytearray()
+    overflow = 0  # bytes of the current over-long line seen so far
+    with open(path, "rb") as handle:
+        while block := handle.read(BLOCK_BYTES):
+            start = 0
+            while (end := block.find(b"\n", start)) != -1:
+                number += 1
+                if overflow:
+                    yield RawLine(number, None, overflow + end - start)
+                    overflow = 0
+                else:
+                    pending += block[start:end]
+                    if len(pending) > max_line_bytes:
+                        yield RawLine(number, None, len(pending))
+                    elif pending.strip():
+                        yield RawLine(number, bytes(pending), len(pending))
+                pending.clear()
+                start = end + 1
+            if overflow:
+                overflow += len(block) - start
+            else:
+                pending += block[start:]
+                if len(pending) > max_line_bytes:
+                    overflow = len(pending)
+                    pending.clear()
+        number += 1
+        if overflow:
+            yield RawLine(number, None, overflow)
+        elif pending.strip():
+            yield RawLine(number, bytes(pending), len(pending))
+
+
+def decode_line(raw: RawLine) -> str:
+    """UTF-8 text of a line; a file that is not UTF-8 fails as a whole."""
+    assert raw.data is not None
+    data = raw.data[3:] if raw.number == 1 and raw.data.startswith(b"\xef\xbb\xbf") else raw.data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise FileRejected(
+            "invalid_encoding",
+            f"the file is not UTF-8 text (line {raw.number}, byte {error.start + 1})",
+            raw.number,
+        ) from None
+
+
+def parse_line(
+    raw: RawLine, limits: Limits, defaults: dict[str, Any] | None = None
+) -> ParsedLine | LineError:
+    """Check one line and map it onto an engine request, or say what is wrong with it."""
+    if raw.data is None:
+        return LineError(
+            raw.number,
+            None,
+            "line_too_long",
+            f"the line has {raw.length} bytes, over the limit of {limits.max_line_bytes}",
+        )
+    text = decode_line(raw)
+    try:
+        item = orjson.loads(text)
+    except orjson.JSONDecodeError as error:
+        return LineError(raw.number, None, "invalid_json", f"the line is not valid JSON: {error}")
+    if not isinstance(item, dict):
+        return LineError(raw.number, None, "invalid_json", "the line is not a JSON object")
+    custom_id = item.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return LineError(raw.number, None, "missing_custom_id", "the line has no custom_id string")
+    problem = _envelope_problem(item)
+    if problem:
+        return LineError(raw.number, custom_id, *problem)
+    url = item["url"]
+    body = dict(item["body"])
+    for key, value in (defaults or {}).items():
+        body.setdefault(key, value)
+    try:
+        parsed = BODY_MODELS[url].model_validate(body)
+    except ValidationError as error:
+        return LineError(raw.number, custom_id, *_describe(error))
+    limit_problem = _limit_problem(parsed, limits)
+    if limit_problem:
+        return LineError(raw.number, custom_id, "limit_exceeded", limit_problem)
+    request, prompt_chars = to_engine_request(custom_id, url, parsed)
+    return ParsedLine(raw.number, custom_id, url, parsed.model, request, prompt_chars)
+
+
+def _envelope_problem(item: dict[str, Any]) -> tuple[str, str] | None:
+    unknown = sorted(set(item) - {"custom_id", "method", "url", "body"})
+    if unknown:
+        return "invalid_request", f"unknown key(s) in the line: {', '.join(unknown)}"
+    if item.get("method") != "POST":
+        return "invalid_method", f"method must be POST, not {item.get('method')!r}"
+    url = item.get("url")
+    if url not in ENDPOINTS:
+        return "invalid_url", f"url {url!r} is not supported; use one of {', '.join(ENDPOINTS)}"
+    if not isinstance(item.get("body"), dict):
+        return "invalid_request", "body must be a JSON object"
+    return None
+
+
+def _describe(error: ValidationError) -> tuple[str, str]:
+    details = error.errors(include_url=False)
+    unsupported = [d for d in details if d["type"] in ("extra_forbidden", "literal_error")]
+    parts = []
+    for detail in details[:5]:
+        where = ".".join(str(part) for part in detail["loc"] if not _is_union_tag(part))
+        if detail["type"] == "extra_forbidden":
+            parts.append(f"body.{where}: unsupported parameter")
+        else:
+            parts.append(f"body.{where}: {detail['msg']}" if where else detail["msg"])
+    code = (
+        "unsupported_parameter"
+        if unsupported and len(unsupported) == len(details)
+        else ("invalid_request")
+    )
+    return code, "; ".join(dict.fromkeys(parts))
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic names union members in locations ("str", "list[...]"); users never wrote those
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or "[" in part)
+
+
+def _limit_problem(body: BaseModel, limits: Limits) -> str | None:
+    max_tokens = getattr(body, "max_completion_tokens", None) or getattr(body, "max_tokens", None)
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        return f"max_tokens {max_tokens} is over this appliance's limit of {limits.max_tokens}"
+    n = getattr(body, "n", 1)
+    if n > limits.max_n:
+        return f"n {n} is over this appliance's limit of {limits.max_n}"
+    return None
+
+
+SAMPLING_KEYS = (
+    "temperature",
+    "top_p",
+    "n",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+)
+
+
+def to_engine_request(custom_id: str, url: str, body: BaseModel) -> tuple[EngineRequest, int]:
+    """Map a validated body onto an engine request and the size of its prompt in characters."""
+    if isinstance(body, EmbeddingBody):
+        inputs = body.input
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        chars = sum(len(item) if isinstance(item, str) else 4 * len(item) for item in inputs)
+        reply = {"encoding_format": body.encoding_format}
+        return EngineRequest(custom_id, url, list(inputs), reply_options=reply), chars
+    sampling: dict[str, Any] = {
+        key: value for key in SAMPLING_KEYS if (value := getattr(body, key)) is not None
+    }
+    sampling["max_tokens"] = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    if body.stop is not None:
+        sampling["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+    response_format = (
+        body.response_format.model_dump(by_alias=True, exclude_none=True)
+        if body.response_format is not None and body.response_format.type != "text"
+        else None
+    )
+    if isinstance(body, ChatBody):
+        if body.logprobs:
+            sampling["logprobs"] = body.top_logprobs or 0
+        prompt: Any = [message.model_dump(exclude_none=True) for message in body.messages]
+        chars = sum(_content_chars(message.get("content")) for message in prompt)
+    else:
+        assert isinstance(body, CompletionBody)
+        if body.logprobs is not None:
+            sampling["logprobs"] = body.logprobs
+        prompt = body.prompt
+        chars = len(prompt) if isinstance(prompt, str) else 4 * len(prompt)
+    return EngineRequest(custom_id, url, prompt, sampling, response_format), chars
+
+
+def _content_chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(part.get("text", "")) for part in content)
+    return 0
+
+
+def wants_logprobs(request: EngineRequest) -> bool:
+    return request.endpoint in (CHAT, COMPLETIONS) and "logprobs" in request.sampling

@@ -1,0 +1,133 @@
+"""Engine outputs and line errors as lines of OpenAI's batch output format."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+import uuid
+from typing import Any
+
+from runner.types import CHAT, EMBEDDINGS, Choice, EngineOutput, EngineRequest
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+def error_record(custom_id: str | None, line: int | None, code: str, message: str) -> dict:
+    return {
+        "id": _new_id("batch_req_"),
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message, "line": line},
+    }
+
+
+def result_record(request: EngineRequest, output: EngineOutput, model: str) -> dict:
+    """A successful request as one line of `results.jsonl`."""
+    if request.endpoint == EMBEDDINGS:
+        body = embedding_body(request, output, model)
+    elif request.endpoint == CHAT:
+        body = chat_body(request, output, model)
+    else:
+        body = completion_body(request, output, model)
+    return {
+        "id": _new_id("batch_req_"),
+        "custom_id": request.key,
+        "response": {"status_code": 200, "request_id": _new_id("req_"), "body": body},
+        "error": None,
+    }
+
+
+def _usage(output: EngineOutput) -> dict[str, int]:
+    completion = output.completion_tokens
+    return {
+        "prompt_tokens": output.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": output.prompt_tokens + completion,
+    }
+
+
+def chat_body(request: EngineRequest, output: EngineOutput, model: str) -> dict[str, Any]:
+    return {
+        "id": _new_id("chatcmpl-"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": choice.index,
+                "message": {"role": "assistant", "content": choice.text},
+                "finish_reason": choice.finish_reason or "stop",
+                "logprobs": _chat_logprobs(choice),
+            }
+            for choice in output.choices
+        ],
+        "usage": _usage(output),
+    }
+
+
+def _chat_logprobs(choice: Choice) -> dict[str, Any] | None:
+    if choice.logprobs is None:
+        return None
+    return {"content": choice.logprobs, "refusal": None}
+
+
+def completion_body(request: EngineRequest, output: EngineOutput, model: str) -> dict[str, Any]:
+    return {
+        "id": _new_id("cmpl-"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": choice.index,
+                "text": choice.text,
+                "finish_reason": choice.finish_reason or "stop",
+                "logprobs": _completion_logprobs(choice),
+            }
+            for choice in output.choices
+        ],
+        "usage": _usage(output),
+    }
+
+
+def _completion_logprobs(choice: Choice) -> dict[str, Any] | None:
+    if choice.logprobs is None:
+        return None
+    offsets, position = [], 0
+    for token in choice.logprobs:
+        offsets.append(position)
+        position += len(token["token"])
+    return {
+        "tokens": [token["token"] for token in choice.logprobs],
+        "token_logprobs": [token["logprob"] for token in choice.logprobs],
+        "top_logprobs": [
+            {top["token"]: top["logprob"] for top in token.get("top_logprobs", [])}
+            for token in choice.logprobs
+        ],
+        "text_offset": offsets,
+    }
+
+
+def embedding_body(request: EngineRequest, output: EngineOutput, model: str) -> dict[str, Any]:
+    as_base64 = request.reply_options.get("encoding_format") == "base64"
+    return {
+        "object": "list",
+        "data": [
+            {
+                "object": "embedding",
+                "index": index,
+                "embedding": _base64_floats(vector) if as_base64 else vector,
+            }
+            for index, vector in enumerate(output.embeddings or [])
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": output.prompt_tokens, "total_tokens": output.prompt_tokens},
+    }
+
+
+def _base64_floats(vector: list[float]) -> str:
+    # OpenAI's base64 embeddings are little-endian float32, as numpy's frombuffer reads them
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")

@@ -1,0 +1,274 @@
+"""Running a job's lines through an engine: check the file, feed the engine, write results.
+
+`scan_file` reads the file once to count and check it before it is queued; `run_lines` reads
+it again and keeps the engine fed with a bounded number of requests in flight, writing each
+result to the journal as soon as it finishes. Neither holds the file or its results in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from runner.client import EngineClient
+from runner.journal import ERRORS, RESULTS, Journal, Tally
+from runner.lines import (
+    FileRejected,
+    Limits,
+    LineError,
+    ParsedLine,
+    RawLine,
+    parse_line,
+    read_raw_lines,
+)
+from runner.replies import error_record, result_record
+from runner.types import EngineOutput, EngineRequest
+
+
+@dataclass
+class FileSummary:
+    """What the first read of a file learned, for routing, the queue and the estimate."""
+
+    lines: int = 0  # non-blank lines: every one ends in results or errors
+    valid: int = 0
+    endpoint: str | None = None
+    models: set[str] = field(default_factory=set)
+    prompt_chars: int = 0
+    max_tokens: Counter[int | None] = field(default_factory=Counter)  # requests per value
+    choices: int = 0
+    first_error: LineError | None = None
+
+    @property
+    def invalid(self) -> int:
+        return self.lines - self.valid
+
+
+class LineChecker:
+    """Turns raw lines into parsed lines or errors, with the rules that span lines."""
+
+    def __init__(self, limits: Limits, defaults: dict[str, Any] | None, endpoint: str | None):
+        self.limits = limits
+        self.defaults = defaults
+        self.endpoint = endpoint
+        self.seen: set[str] = set()
+
+    def check(self, raw: RawLine) -> ParsedLine | LineError:
+        parsed = parse_line(raw, self.limits, self.defaults)
+        if isinstance(parsed, LineError):
+            return parsed
+        if parsed.custom_id in self.seen:
+            return LineError(
+                parsed.line,
+                parsed.custom_id,
+                "duplicate_custom_id",
+                f"custom_id {parsed.custom_id!r} is used by an earlier line",
+            )
+        self.seen.add(parsed.custom_id)
+        self.endpoint = self.endpoint or parsed.url
+        if parsed.url != self.endpoint:
+            return LineError(
+                parsed.line,
+                parsed.custom_id,
+                "mixed_endpoints",
+                f"url {parsed.url} differs from the file's endpoint {self.endpoint}; "
+                "use one endpoint per file",
+            )
+        return parsed
+
+
+def scan_file(path: Path, limits: Limits, defaults: dict[str, Any] | None = None) -> FileSummary:
+    """Count and check every line; raise FileRejected when the file cannot run at all."""
+    size = path.stat().st_size
+    if size > limits.max_file_bytes:
+        raise FileRejected(
+            "file_too_large",
+            f"the file has {size} bytes, over the limit of {limits.max_file_bytes}",
+        )
+    summary = FileSummary()
+    checker = LineChecker(limits, defaults, None)
+    for raw in read_raw_lines(path, limits.max_line_bytes):
+        summary.lines += 1
+        if summary.lines > limits.max_lines:
+            raise FileRejected(
+                "too_many_lines", f"the file has more than {limits.max_lines} request lines"
+            )
+        parsed = checker.check(raw)
+        if isinstance(parsed, LineError):
+            summary.first_error = summary.first_error or parsed
+            continue
+        summary.valid += 1
+        if parsed.model:
+            summary.models.add(parsed.model)
+        summary.prompt_chars += parsed.prompt_chars
+        summary.max_tokens[parsed.request.sampling.get("max_tokens")] += 1
+        summary.choices += int(parsed.request.sampling.get("n", 1))
+    summary.endpoint = checker.endpoint
+    if summary.lines == 0:
+        raise FileRejected("empty_file", "the file has no request lines")
+    if summary.valid == 0:
+        first = summary.first_error
+        raise FileRejected(
+            "no_valid_lines",
+            f"no line of the file is a valid request (line {first.line}: {first.message})",
+            first.line,
+        )
+    return summary
+
+
+@dataclass
+class Progress:
+    total: int
+    tally: Tally
+    in_flight: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class RunOptions:
+    endpoint: str
+    model: str
+    limits: Limits = field(default_factory=Limits)
+    defaults: dict[str, Any] | None = None
+    max_in_flight: int = 256
+    submit_group: int = 16
+    progress_seconds: float = 0.5
+
+
+class _Feeder:
+    """The state of one run: what is in flight and how to write what comes back."""
+
+    def __init__(self, client: EngineClient, journal: Journal, options: RunOptions, tally: Tally):
+        self.client = client
+        self.journal = journal
+        self.options = options
+        self.tally = tally
+        self.in_flight: dict[str, tuple[int, EngineRequest]] = {}
+        self.pending: list[EngineRequest] = []
+
+    def error(self, line: int, custom_id: str | None, code: str, message: str) -> None:
+        self.journal.write(ERRORS, error_record(custom_id, line, code, message))
+        self.tally.failed += 1
+
+    def send(self, parsed: ParsedLine) -> None:
+        self.in_flight[parsed.request.key] = (parsed.line, parsed.request)
+        self.pending.append(parsed.request)
+        if len(self.pending) >= self.options.submit_group:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.client.submit(self.pending)
+            self.pending = []
+
+    def receive(self, timeout: float) -> None:
+        for output in self.client.poll(timeout):
+            self.finish(output)
+
+    def finish(self, output: EngineOutput) -> None:
+        entry = self.in_flight.pop(output.key, None)
+        if entry is None:
+            return  # an output for a request aborted earlier
+        line, request = entry
+        if output.failed:
+            self.error(line, request.key, output.error_code, output.error_message or "")
+            return
+        record = result_record(request, output, self.options.model)
+        self.journal.write(RESULTS, record)
+        self.tally.add_result(record)
+
+
+def run_lines(
+    path: Path,
+    journal: Journal,
+    client: EngineClient,
+    options: RunOptions,
+    total: int,
+    on_progress: Callable[[Progress], None] = lambda progress: None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Progress:
+    """Run every line not yet in the journal. Returns early, with nothing lost, on a stop."""
+    done = journal.load()
+    progress = Progress(total=total, tally=done.tally)
+    feeder = _Feeder(client, journal, options, done.tally)
+    checker = LineChecker(options.limits, options.defaults, options.endpoint)
+    last_report = 0.0
+
+    def report(force: bool = False) -> None:
+        nonlocal last_report
+        now = time.monotonic()
+        if force or now - last_report >= options.progress_seconds:
+            progress.in_flight = len(feeder.in_flight)
+            on_progress(progress)
+            last_report = now
+
+    stopped = False
+    for raw in read_raw_lines(path, options.limits.max_line_bytes):
+        parsed = checker.check(raw)
+        if raw.number in done.lines:
+            continue
+        if isinstance(parsed, LineError):
+            feeder.error(parsed.line, parsed.custom_id, parsed.code, parsed.message)
+            continue
+        if parsed.custom_id in done.ids:
+            continue
+        feeder.send(parsed)
+        while len(feeder.in_flight) >= options.max_in_flight and not stopped:
+            feeder.flush()
+            feeder.receive(0.5)
+            stopped = should_stop()
+        report()
+        if stopped or should_stop():
+            stopped = True
+            break
+    feeder.flush()
+    while feeder.in_flight and not stopped:
+        feeder.receive(0.5)
+        report()
+        stopped = should_stop()
+    if stopped and feeder.in_flight:
+        client.abort(list(feeder.in_flight))
+    journal.sync()
+    report(force=True)
+    return progress
+
+
+def fail_remaining(path: Path, journal: Journal, code: str, message: str, limits: Limits) -> Tally:
+    """Write an error for every line not yet in the journal, so none is ever missing.
+
+    Used when a job is cancelled or fails as a whole: the lines that did not run still
+    appear, once, in `errors.jsonl`.
+    """
+    done = journal.load()
+    seen: set[str] = set()
+    for raw in read_raw_lines(path, limits.max_line_bytes):
+        if raw.number in done.lines:
+            continue
+        custom_id = _custom_id_of(raw)
+        # Only the first line with a custom_id can have run; a later one is a duplicate.
+        first = custom_id is not None and custom_id not in seen
+        if custom_id is not None:
+            seen.add(custom_id)
+        if first and custom_id in done.ids:
+            continue
+        journal.write(ERRORS, error_record(custom_id, raw.number, code, message))
+        done.tally.failed += 1
+    journal.close()
+    return done.tally
+
+
+def _custom_id_of(raw: RawLine) -> str | None:
+    """The line's custom_id when it has a readable one, whatever else is wrong with it."""
+    if raw.data is None:
+        return None
+    try:
+        item = orjson.loads(raw.data)
+    except orjson.JSONDecodeError:
+        return None
+    custom_id = item.get("custom_id") if isinstance(item, dict) else None
+    return custom_id if isinstance(custom_id, str) and custom_id else None

@@ -1,0 +1,179 @@
+"""What each `batchbox` command does, given its arguments and the loaded config."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import structlog
+
+from watcher.cli import EXIT_FAILED, EXIT_OK, CommandFailed, UsageError
+from watcher.config import Config
+from watcher.engines import EnginePool
+from watcher.execute import (
+    INPUT,
+    JobError,
+    RunHooks,
+    estimate_job,
+    execute_job,
+    finish_job,
+    validate_job,
+)
+from watcher.jobs import Job, JobStatus, fail_job, new_job_id, now, write_status
+from watcher.logs import configure_logging
+from watcher.tickets import TicketError, find_ticket, load_ticket
+
+log = structlog.get_logger()
+
+
+def _input_file(name: str) -> Path:
+    path = Path(name)
+    if not path.is_file():
+        raise UsageError(f"{name} is not a file")
+    return path
+
+
+def new_spool_job(
+    config: Config, stem: str, subdir: str = "", sidecar_dir: Path | None = None
+) -> Job:
+    created = now()
+    job_id = new_job_id(created)
+    work = config.folder("state") / "jobs" / job_id
+    (work / "out").mkdir(parents=True)
+    return Job(
+        id=job_id,
+        stem=stem,
+        subdir=subdir,
+        work=work,
+        sidecar_dir=sidecar_dir,
+        created_at=created,
+    )
+
+
+def _prepare_run_job(config: Config, path: Path, model: str | None) -> tuple[Job, str | None]:
+    """A spool job holding a copy of the file (and its ticket): `run` leaves the file be."""
+    job = new_spool_job(config, path.stem)
+    shutil.copyfile(path, job.out / INPUT)
+    ticket_model = model
+    ticket_path = find_ticket(path.parent, path.stem)
+    if ticket_path is not None:
+        shutil.copyfile(ticket_path, job.out / f"{path.stem}{ticket_path.suffix}")
+        job.has_ticket = True
+        try:
+            ticket = load_ticket(ticket_path)
+        except TicketError as error:
+            fail_job(job, "invalid_ticket", str(error))
+            return job, None
+        ticket_model = model or ticket.model
+        job.defaults, job.priority, job.metadata = ticket.defaults, ticket.priority, ticket.metadata
+    write_status(job)
+    return job, ticket_model
+
+
+class _ProgressBar:
+    """A tqdm bar on a terminal; a structured log line now and then otherwise."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="req", file=sys.stderr) if sys.stderr.isatty() else None
+        self.last_logged = 0.0
+
+    def update(self, job: Job, progress) -> None:
+        done = job.completed + job.failed
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.set_postfix(tok_s=f"{job.tokens_per_second or 0:.0f}", refresh=False)
+            self.bar.refresh()
+            return
+        elapsed = now().timestamp()
+        if elapsed - self.last_logged >= 10:
+            self.last_logged = elapsed
+            log.info(
+                "progress",
+                job=job.id,
+                done=done,
+                total=job.total,
+                tokens_per_second=round(job.tokens_per_second or 0, 1),
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_file(args: argparse.Namespace, config: Config) -> int:
+    configure_logging(sys.stderr)
+    path = _input_file(args.file)
+    if args.model is not None and args.model not in config.models:
+        raise UsageError(f"model {args.model!r} is not configured ({', '.join(config.models)})")
+    outbox = Path(args.output).resolve() if args.output else config.folder("outbox")
+    outbox.mkdir(parents=True, exist_ok=True)
+    job, ticket_model = _prepare_run_job(config, path, args.model)
+    pool = EnginePool()
+    if not job.errors:
+        try:
+            validate_job(job, config, ticket_model)
+        except JobError as error:
+            fail_job(job, error.code, error.message, error.line)
+    if job.errors:
+        target = finish_job(job, config, outbox, JobStatus.FAILED)
+        raise CommandFailed(f"{job.errors[0]['message']} (details in {target})")
+    job.estimate = estimate_job(job, config.folder("state")).as_dict()
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    bar = _ProgressBar(job.total)
+    hooks = RunHooks(on_progress=bar.update, stop_requested=stop.is_set)
+    try:
+        target = execute_job(job, config, pool, outbox, hooks)
+    finally:
+        bar.close()
+        pool.close()
+    if target is None:
+        raise CommandFailed(f"stopped; what is done is kept in {job.work}")
+    log.info("job_finished", **_summary(job))
+    print(target)
+    if job.status is not JobStatus.COMPLETED:
+        raise CommandFailed(f"the job {job.status.value}: {job.errors[0]['message']}")
+    return EXIT_OK
+
+
+def _summary(job: Job) -> dict:
+    return {
+        "job": job.id,
+        "input": job.input_name,
+        "model": job.model,
+        "status": job.status.value,
+        "completed": job.completed,
+        "failed": job.failed,
+        "prompt_tokens": job.prompt_tokens,
+        "completion_tokens": job.completion_tokens,
+        "outbox": job.outbox,
+    }
+
+
+def check(args: argparse.Namespace, config: Config) -> int:
+    from watcher.machine import check_machine
+
+    problems = check_machine(config, print)
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def serve(args: argparse.Namespace, config: Config) -> int:
+    raise CommandFailed("serve is not built yet")
+
+
+def status(args: argparse.Namespace, config: Config) -> int:
+    raise CommandFailed("status is not built yet")
+
+
+def estimate(args: argparse.Namespace, config: Config) -> int:
+    raise CommandFailed("estimate is not built yet")
+
+
+def bench(args: argparse.Namespace, config: Config) -> int:
+    raise CommandFailed("bench is not built yet")

@@ -1,0 +1,63 @@
+"""The one engine the appliance keeps: loaded for a model, kept while its jobs follow,
+replaced on a switch, and unloaded when idle so the GPU is free for other work."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from runner.client import EngineClient, EngineProcess, LocalClient
+from runner.engine import ModelSpec, load_engine
+
+log = structlog.get_logger()
+
+
+class EnginePool:
+    def __init__(self, in_process: bool = False) -> None:
+        # In-process engines are for tests with the fake backend: no child process to start.
+        self.in_process = in_process
+        self.spec: ModelSpec | None = None
+        self.client: EngineClient | None = None
+        self.last_used = time.monotonic()
+        self.loads = 0
+
+    def client_for(self, spec: ModelSpec) -> tuple[EngineClient, float]:
+        self.last_used = time.monotonic()
+        if self.client is not None and self.spec == spec and self._alive():
+            return self.client, 0.0
+        self.close()
+        started = time.monotonic()
+        log.info("engine_loading", model=spec.alias, source=spec.source)
+        if self.in_process:
+            self.client = LocalClient(load_engine(spec))
+        else:
+            self.client = EngineProcess(spec)
+        self.spec = spec
+        self.loads += 1
+        seconds = time.monotonic() - started
+        log.info("engine_loaded", model=spec.alias, seconds=round(seconds, 2))
+        return self.client, seconds
+
+    def _alive(self) -> bool:
+        return not isinstance(self.client, EngineProcess) or self.client.alive()
+
+    @property
+    def model(self) -> str | None:
+        return self.spec.alias if self.client is not None and self.spec else None
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+    def unload_if_idle(self, idle_seconds: float) -> bool:
+        if self.client is None or time.monotonic() - self.last_used < idle_seconds:
+            return False
+        log.info("engine_unloaded", model=self.model, reason="idle")
+        self.close()
+        return True
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+        self.spec = None

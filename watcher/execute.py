@@ -1,0 +1,281 @@
+"""A job from validation to delivery, the same for `batchbox run` and `batchbox serve`.
+
+`validate_job` checks the file and picks the model; `execute_job` runs it and, whatever
+happens, finishes it: one wrapper reports the start and the end, so no job can be left
+without a final status.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from benchmarks.estimator import Estimate, JobShape, estimate_run
+from benchmarks.record import append_history, build_record, read_history
+from runner.client import EngineClient, EngineDied
+from runner.durable import rename_durably, write_json_atomic
+from runner.engine import EngineLoadError, ModelSpec
+from runner.journal import Journal
+from runner.lines import FileRejected
+from runner.run import Progress, RunOptions, fail_remaining, run_lines, scan_file
+from watcher.config import Config
+from watcher.jobs import (
+    Job,
+    JobStatus,
+    fail_job,
+    iso,
+    mark_cancelling,
+    mark_finalizing,
+    mark_finished,
+    mark_in_progress,
+    now,
+    write_status,
+)
+
+INPUT = "input.jsonl"
+
+
+class JobError(Exception):
+    def __init__(self, code: str, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.line = line
+
+
+class EngineProvider(Protocol):
+    def client_for(self, spec: ModelSpec) -> tuple[EngineClient, float]:
+        """A client for the model's engine and the seconds spent loading it (0 if kept)."""
+
+
+def resolve_model(
+    config: Config, ticket_model: str | None, subdir: str, line_models: set[str]
+) -> str:
+    """Ticket, then inbox subfolder, then the lines' one model, then the default."""
+    aliases = ", ".join(config.models)
+    if ticket_model is not None:
+        if ticket_model not in config.models:
+            raise JobError(
+                "unknown_model",
+                f"the ticket names model {ticket_model!r}, which is not configured "
+                f"(configured: {aliases})",
+            )
+        return ticket_model
+    if subdir and subdir in config.models:
+        return subdir
+    if len(line_models) == 1 and next(iter(line_models)) in config.models:
+        return next(iter(line_models))
+    if config.default_model is not None:
+        return config.default_model
+    raise JobError(
+        "no_model",
+        f"no model resolves for this file: name one of {aliases} in a ticket, "
+        "drop it into inbox/<model>/, or set default_model",
+    )
+
+
+def validate_job(job: Job, config: Config, ticket_model: str | None = None) -> None:
+    """Count and check the input, pick its model, and fill in what the queue needs."""
+    try:
+        summary = scan_file(job.out / INPUT, config.limits_value, job.defaults)
+    except FileRejected as error:
+        raise JobError(error.code, error.message, error.line) from None
+    job.model = resolve_model(config, ticket_model, job.subdir, summary.models)
+    job.endpoint = summary.endpoint
+    job.total = summary.lines
+    job.prompt_chars = summary.prompt_chars
+    job.max_tokens = [[value, count] for value, count in summary.max_tokens.items()]
+    served = config.models[job.model].endpoints
+    if job.endpoint not in served:
+        raise JobError(
+            "wrong_endpoint",
+            f"model {job.model!r} serves {', '.join(served)}, not {job.endpoint}",
+        )
+
+
+def job_shape(job: Job, hardware: str | None = None) -> JobShape:
+    return JobShape(
+        model=job.model or "",
+        endpoint=job.endpoint,
+        requests=job.total,
+        prompt_chars=job.prompt_chars,
+        max_tokens={value: count for value, count in job.max_tokens},
+        hardware=hardware,
+    )
+
+
+def estimate_job(job: Job, state: Path, hardware: str | None = None) -> Estimate:
+    return estimate_run(job_shape(job, hardware), read_history(state))
+
+
+@dataclass
+class RunHooks:
+    """How the caller learns of progress and asks a run to end early."""
+
+    on_progress: Callable[[Job, Progress], None] = lambda job, progress: None
+    cancel_requested: Callable[[], bool] = lambda: False
+    stop_requested: Callable[[], bool] = lambda: False
+
+
+@dataclass
+class RunTimes:
+    load_seconds: float = 0.0
+    run_seconds: float = 0.0
+    engine: dict[str, Any] = field(default_factory=dict)
+
+
+def _apply_progress(job: Job, progress: Progress, run_started: float) -> None:
+    tally = progress.tally
+    job.completed, job.failed = tally.completed, tally.failed
+    job.prompt_tokens, job.completion_tokens = tally.prompt_tokens, tally.completion_tokens
+    elapsed = time.monotonic() - run_started
+    if elapsed > 0:
+        job.tokens_per_second = (tally.prompt_tokens + tally.completion_tokens) / elapsed
+        job.requests_per_second = (tally.completed + tally.failed) / elapsed
+
+
+def run_engine(
+    job: Job, config: Config, engines: EngineProvider, hooks: RunHooks, times: RunTimes
+) -> JobStatus | None:
+    """Run the job's lines; the final status, or None when stopped to resume later."""
+    assert job.model is not None and job.endpoint is not None
+    spec = config.model_spec(job.model)
+    try:
+        client, times.load_seconds = engines.client_for(spec)
+    except EngineLoadError as error:
+        raise JobError("model_load_failed", str(error)) from None
+    times.engine = {
+        "hardware": client.info.hardware,
+        "engine_version": client.info.engine_version,
+        "settings": client.info.settings,
+    }
+    mark_in_progress(job)
+    options = RunOptions(
+        endpoint=job.endpoint,
+        model=job.model,
+        limits=config.limits_value,
+        defaults=job.defaults,
+        max_in_flight=config.max_in_flight,
+    )
+    started = time.monotonic()
+    journal = Journal(job.out)
+
+    def progress(update: Progress) -> None:
+        _apply_progress(job, update, started)
+        hooks.on_progress(job, update)
+
+    def should_end() -> bool:
+        return hooks.cancel_requested() or hooks.stop_requested()
+
+    try:
+        run_lines(job.out / INPUT, journal, client, options, job.total, progress, should_end)
+    except EngineDied as error:
+        raise JobError("engine_died", str(error)) from None
+    except FileRejected as error:
+        raise JobError(error.code, f"the input changed while it ran: {error.message}") from None
+    finally:
+        times.run_seconds = time.monotonic() - started
+        journal.close()
+    if hooks.cancel_requested():
+        return JobStatus.CANCELLED
+    if hooks.stop_requested():
+        return None
+    return JobStatus.COMPLETED
+
+
+def execute_job(
+    job: Job, config: Config, engines: EngineProvider, outbox: Path, hooks: RunHooks
+) -> Path | None:
+    """Run a validated job and deliver it; the outbox folder, or None if stopped early."""
+    times = RunTimes()
+    try:
+        final = run_engine(job, config, engines, hooks, times)
+    except JobError as error:
+        fail_job(job, error.code, error.message, error.line)
+        final = JobStatus.FAILED
+    if final is None:
+        write_status(job)
+        return None
+    return finish_job(job, config, outbox, final, times)
+
+
+def finish_job(
+    job: Job, config: Config, outbox: Path, final: JobStatus, times: RunTimes | None = None
+) -> Path:
+    """Write what is missing, record the benchmark, and deliver the folder in one rename."""
+    times = times or RunTimes()
+    if final is JobStatus.CANCELLED:
+        mark_cancelling(job)
+    mark_finalizing(job)
+    if final is JobStatus.CANCELLED:
+        code, message = "batch_cancelled", "the job was cancelled before this request ran"
+    else:
+        first = job.errors[0]["message"] if job.errors else "the job failed"
+        code, message = "batch_failed", f"the job failed before this request ran: {first}"
+    tally = fail_remaining(job.out / INPUT, Journal(job.out), code, message, config.limits_value)
+    job.completed, job.failed = tally.completed, tally.failed
+    job.prompt_tokens, job.completion_tokens = tally.prompt_tokens, tally.completion_tokens
+    target = pick_outbox_folder(outbox, job.subdir, job.stem)
+    job.outbox = str(target.relative_to(outbox)) if target.is_relative_to(outbox) else str(target)
+    record = benchmark_record(job, config, final, times)
+    job.status, job.completed_at, job.eta = final, now(), None
+    write_json_atomic(job.out / "status.json", job.status_document())
+    write_json_atomic(job.out / "benchmark.json", record)
+    write_status(job)  # the spool now says where it goes, so a restart delivers it once
+    append_history(config.folder("state"), record)
+    deliver_folder(job.out, target)
+    mark_finished(job, final)
+    shutil.rmtree(job.work, ignore_errors=True)  # the sidecar and the outbox hold the rest
+    return target
+
+
+def benchmark_record(job: Job, config: Config, final: JobStatus, times: RunTimes) -> dict[str, Any]:
+    model = job.model or ""
+    spec = config.model_spec(model) if model in config.models else None
+    requested = [value for value, _ in job.max_tokens if value is not None]
+    return build_record(
+        job_id=job.id,
+        status=final.value,
+        model=model,
+        source=spec.source if spec else "",
+        endpoint=job.endpoint,
+        engine=times.engine,
+        counts={"total": job.total, "completed": job.completed, "failed": job.failed},
+        prompt_tokens=job.prompt_tokens,
+        completion_tokens=job.completion_tokens,
+        prompt_chars=job.prompt_chars,
+        requested_max_tokens=max(requested) if requested else None,
+        load_seconds=times.load_seconds,
+        run_seconds=times.run_seconds,
+        estimate=job.estimate,
+        finished_at=iso(now()) or "",
+        metadata=job.metadata,
+    )
+
+
+def pick_outbox_folder(outbox: Path, subdir: str, stem: str) -> Path:
+    """`outbox/<dir>/<stem>`, with -2, -3, ... when the name is taken."""
+    parent = outbox / subdir if subdir else outbox
+    parent.mkdir(parents=True, exist_ok=True)
+    candidate, number = parent / stem, 1
+    while candidate.exists() or candidate.is_symlink():
+        number += 1
+        candidate = parent / f"{stem}-{number}"
+    return candidate
+
+
+def deliver_folder(source: Path, target: Path) -> None:
+    """Put a finished folder into the outbox at once: one rename, made durable."""
+    try:
+        rename_durably(source, target)
+    except OSError as error:
+        if error.errno != 18:  # EXDEV: another filesystem, which only `run -o` can ask for
+            raise
+        staging = target.with_name(f".{target.name}.partial")
+        shutil.copytree(source, staging)
+        rename_durably(staging, target)
+        shutil.rmtree(source)

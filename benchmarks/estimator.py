@@ -98,3 +98,26 @@ def estimate_run(shape: JobShape, history: Iterable[dict[str, Any]]) -> Estimate
         expected_completion = 0.0
     run_seconds = seconds_per_work * _work(expected_prompt, expected_completion)
     return Estimate(run_seconds, basis, len(records), expected_prompt, expected_completion)
+
+
+COLD_LOAD_SECONDS = 60.0
+
+
+def load_seconds_for(model: str, history: Iterable[dict[str, Any]]) -> float:
+    """The median time this model took to load here; a cautious minute when never seen."""
+    loads = [
+        record["load_seconds"]
+        for record in history
+        if record.get("model") == model and record.get("load_seconds", 0) > 0
+    ]
+    return statistics.median(loads[-RECENT:]) if loads else COLD_LOAD_SECONDS
+
+
+def remaining_seconds(estimated_run: float, elapsed: float, fraction_done: float) -> float:
+    """Blend the estimate made before the run with the pace so far, trusting the pace more
+    as more of the job is done; never less than zero."""
+    if fraction_done <= 0:
+        return max(estimated_run - elapsed, 0.0)
+    projected = elapsed / fraction_done
+    blended = fraction_done * projected + (1 - fraction_done) * max(estimated_run, elapsed)
+    return max(blended - elapsed, 0.0)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import signal
 import sys
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import structlog
 
+from benchmarks.record import read_history
 from watcher.cli import EXIT_FAILED, EXIT_OK, CommandFailed, UsageError
 from watcher.config import Config
 from watcher.engines import EnginePool
@@ -23,7 +26,7 @@ from watcher.execute import (
     finish_job,
     validate_job,
 )
-from watcher.jobs import Job, JobStatus, fail_job, new_job_id, now, write_status
+from watcher.jobs import Job, JobStatus, fail_job, load_job, new_job_id, now, write_status
 from watcher.logs import configure_logging
 from watcher.tickets import TicketError, find_ticket, load_ticket
 
@@ -135,25 +138,11 @@ def run_file(args: argparse.Namespace, config: Config) -> int:
         pool.close()
     if target is None:
         raise CommandFailed(f"stopped; what is done is kept in {job.work}")
-    log.info("job_finished", **_summary(job))
+    log.info("job_finished", **job.summary())
     print(target)
     if job.status is not JobStatus.COMPLETED:
         raise CommandFailed(f"the job {job.status.value}: {job.errors[0]['message']}")
     return EXIT_OK
-
-
-def _summary(job: Job) -> dict:
-    return {
-        "job": job.id,
-        "input": job.input_name,
-        "model": job.model,
-        "status": job.status.value,
-        "completed": job.completed,
-        "failed": job.failed,
-        "prompt_tokens": job.prompt_tokens,
-        "completion_tokens": job.completion_tokens,
-        "outbox": job.outbox,
-    }
 
 
 def check(args: argparse.Namespace, config: Config) -> int:
@@ -164,15 +153,121 @@ def check(args: argparse.Namespace, config: Config) -> int:
 
 
 def serve(args: argparse.Namespace, config: Config) -> int:
-    raise CommandFailed("serve is not built yet")
+    from watcher.service import Service, StartError
+
+    configure_logging(sys.stdout)
+    service = Service(config)
+    signal.signal(signal.SIGTERM, lambda *_: service.stop())
+    signal.signal(signal.SIGINT, lambda *_: service.stop())
+    try:
+        service.serve_forever()
+    except StartError as error:
+        raise CommandFailed(str(error)) from None
+    return EXIT_OK
+
+
+def spool_jobs(config: Config) -> list[Job]:
+    """The jobs the service holds now, read from their records in the spool."""
+    jobs = []
+    folder = config.folder("state") / "jobs"
+    for work in sorted(folder.iterdir()) if folder.is_dir() else []:
+        try:
+            jobs.append(load_job(work))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a job being claimed or delivered right now
+    return jobs
 
 
 def status(args: argparse.Namespace, config: Config) -> int:
-    raise CommandFailed("status is not built yet")
+    jobs = spool_jobs(config)
+    running = [job.status_document() for job in jobs if job.status is JobStatus.IN_PROGRESS]
+    queued = sorted(
+        (job for job in jobs if job.status is JobStatus.QUEUED),
+        key=lambda job: (-job.priority, job.sequence),
+    )
+    recent = list(read_history(config.folder("state")))[-10:]
+    report = {
+        "running": running,
+        "queued": [job.status_document() for job in queued],
+        "recent": [
+            {key: record.get(key) for key in ("job_id", "model", "status", "finished_at")}
+            | {"requests": record.get("request_counts"), "run_seconds": record.get("run_seconds")}
+            for record in reversed(recent)
+        ],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    print_status(report)
+    return EXIT_OK
+
+
+def print_status(report: dict) -> None:
+    if not report["running"]:
+        print("running: nothing")
+    for job in report["running"]:
+        counts = job["request_counts"]
+        done = counts["completed"] + counts["failed"]
+        print(
+            f"running: {job['input']} on {job['model']}: {done}/{counts['total']} "
+            f"requests, ETA {job['eta'] or 'unknown'}"
+        )
+    print(f"queued: {len(report['queued'])}")
+    for position, job in enumerate(report["queued"], start=1):
+        print(
+            f"  {position}. {job['input']} on {job['model']}: "
+            f"{job['request_counts']['total']} requests, ETA {job['eta'] or 'unknown'}"
+        )
+    print("recent:")
+    for record in report["recent"]:
+        counts = record["requests"] or {}
+        print(
+            f"  {record['finished_at']}  {record['status']:<9} {record['model']}: "
+            f"{counts.get('completed', 0)} ok, {counts.get('failed', 0)} failed, "
+            f"{record['run_seconds']} s  ({record['job_id']})"
+        )
 
 
 def estimate(args: argparse.Namespace, config: Config) -> int:
-    raise CommandFailed("estimate is not built yet")
+    path = _input_file(args.file)
+    if args.model is not None and args.model not in config.models:
+        raise UsageError(f"model {args.model!r} is not configured ({', '.join(config.models)})")
+    job = Job(id="estimate", stem=path.stem, subdir="", work=path.parent, sidecar_dir=None)
+    inbox = config.folder("inbox")
+    if path.resolve().parent.parent == inbox:
+        job.subdir = path.resolve().parent.name
+    ticket_model = args.model
+    ticket_path = find_ticket(path.parent, path.stem)
+    if ticket_path is not None and ticket_model is None:
+        try:
+            ticket = load_ticket(ticket_path)
+        except TicketError as error:
+            raise CommandFailed(str(error)) from None
+        ticket_model, job.defaults = ticket.model, ticket.defaults
+    try:
+        validate_job(job, config, ticket_model, input_path=path)
+    except JobError as error:
+        raise CommandFailed(error.message) from None
+    result = estimate_job(job, config.folder("state"))
+    ahead = [job for job in spool_jobs(config) if not job.status.finished]
+    waiting = sum(float((other.estimate or {}).get("run_seconds", 0.0)) for other in ahead)
+    finish = now() + timedelta(seconds=round(waiting + result.run_seconds))
+    print(f"{path.name}: {job.total} requests on {job.model} ({job.endpoint})")
+    print(f"run time: about {format_seconds(result.run_seconds)}")
+    if ahead:
+        print(f"queue: {len(ahead)} job(s) ahead, about {format_seconds(waiting)}")
+    print(f"finished by: {finish.isoformat()} if dropped now")
+    print(f"basis: {result.basis}")
+    return EXIT_OK
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def bench(args: argparse.Namespace, config: Config) -> int:

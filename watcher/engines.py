@@ -56,8 +56,10 @@ class EnginePool:
         self.close()
         return True
 
-    def close(self) -> None:
-        if self.client is not None:
+    def close(self, timeout: float = 10.0) -> None:
+        if isinstance(self.client, EngineProcess):
+            self.client.close(timeout)
+        elif self.client is not None:
             self.client.close()
         self.client = None
         self.spec = None

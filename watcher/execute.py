@@ -78,10 +78,12 @@ def resolve_model(
     )
 
 
-def validate_job(job: Job, config: Config, ticket_model: str | None = None) -> None:
+def validate_job(
+    job: Job, config: Config, ticket_model: str | None = None, input_path: Path | None = None
+) -> None:
     """Count and check the input, pick its model, and fill in what the queue needs."""
     try:
-        summary = scan_file(job.out / INPUT, config.limits_value, job.defaults)
+        summary = scan_file(input_path or job.out / INPUT, config.limits_value, job.defaults)
     except FileRejected as error:
         raise JobError(error.code, error.message, error.line) from None
     job.model = resolve_model(config, ticket_model, job.subdir, summary.models)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,20 @@ class Job:
             "metadata": self.metadata,
         }
 
+    def summary(self) -> dict[str, Any]:
+        """The one log line a finished job gets."""
+        return {
+            "job": self.id,
+            "input": self.input_name,
+            "model": self.model,
+            "status": self.status.value,
+            "completed": self.completed,
+            "failed": self.failed,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "outbox": self.outbox,
+        }
+
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)
         record["status"] = self.status.value
@@ -165,6 +179,21 @@ def write_status(job: Job) -> None:
         write_json_atomic(path, job.status_document())
 
 
+def write_eta(job: Job, seconds: float, basis: str) -> None:
+    """The `.eta` sidecar: when the job is expected to finish, and what that rests on."""
+    path = sidecar(job, ".eta")
+    written = now()
+    job.eta = written + timedelta(seconds=round(seconds))
+    if path is not None and path.parent.is_dir():
+        document = {
+            "eta": iso(job.eta),
+            "seconds_remaining": round(seconds),
+            "written_at": iso(written),
+            "basis": basis,
+        }
+        write_json_atomic(path, document)
+
+
 def fail_job(job: Job, code: str, message: str, line: int | None = None) -> None:
     error: dict[str, Any] = {"code": code, "message": message}
     if line is not None:
@@ -201,3 +230,6 @@ def mark_finished(job: Job, status: JobStatus) -> None:
     job.completed_at = now()
     job.eta = None
     write_status(job)
+    eta = sidecar(job, ".eta")
+    if eta is not None:
+        eta.unlink(missing_ok=True)

@@ -1,0 +1,462 @@
+"""`batchbox serve`: the main loop of the appliance.
+
+An inbox event or rescan names a candidate; settling decides it is complete; claiming
+renames it into the spool; validation counts and checks it and the estimator writes the ETA;
+the queue hands it to the engine process; the runner turns lines into results; delivery
+renames a finished folder into the outbox and records the benchmark.
+
+The main loop does everything except running a job, which happens on one worker thread
+(the engine itself is in a child process), so events, cancels, sidecars and the systemd
+watchdog are served while a job runs.
+"""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import orjson
+import structlog
+from watcher.claim import ClaimLost, claim_and_validate
+from watcher.settle import Settler
+
+from benchmarks.estimator import load_seconds_for, remaining_seconds
+from benchmarks.record import read_history
+from runner.durable import write_json_atomic
+from watcher.config import Config
+from watcher.engines import EnginePool
+from watcher.execute import (
+    JobError,
+    RunHooks,
+    estimate_job,
+    execute_job,
+    finish_job,
+    validate_job,
+)
+from watcher.inbox import Candidate, classify, scan_inbox, start_observer
+from watcher.jobqueue import JobQueue, plan_queue
+from watcher.jobs import (
+    JOB_RECORD,
+    Job,
+    JobStatus,
+    fail_job,
+    iso,
+    load_job,
+    mark_queued,
+    now,
+    write_eta,
+    write_status,
+)
+from watcher.machine import one_filesystem_problem
+from watcher.notify import notify, watchdog_interval
+from watcher.tickets import TicketError, find_ticket, load_ticket
+
+log = structlog.get_logger()
+
+STATUS_SECONDS = 5.0  # sidecars of a running job are rewritten at least this often
+QUEUE_SECONDS = 5.0
+SWEEP_SECONDS = 60.0
+
+
+class StartError(Exception):
+    """The service cannot start; the message says why in one sentence."""
+
+
+@dataclass
+class Running:
+    job: Job
+    thread: threading.Thread
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: float = field(default_factory=time.monotonic)
+    run_started: float | None = None
+    done: float = 0.0  # the fraction of the job's work done
+    last_status: float = 0.0
+    outcome: Path | None = None
+
+
+class Service:
+    def __init__(self, config: Config, pool: EnginePool | None = None) -> None:
+        self.config = config
+        self.inbox = config.folder("inbox")
+        self.outbox = config.folder("outbox")
+        self.state = config.folder("state")
+        self.pool = pool or EnginePool()
+        self.events: queue.Queue[Candidate] = queue.Queue()
+        self.settler = Settler(config.settle_seconds)
+        self.queue = JobQueue()
+        self.running: Running | None = None
+        self.stopping = threading.Event()
+        self.observer = None
+        self.last_rescan = 0.0
+        self.last_queue_update = 0.0
+        self.last_sweep = 0.0
+        self.last_watchdog = 0.0
+        self.refused: set[tuple[Path, str]] = set()
+        self.history_cache: list[dict] | None = None
+
+    # -- start and stop ---------------------------------------------------------------
+
+    def start(self) -> None:
+        problem = one_filesystem_problem(self.config)
+        if problem:
+            raise StartError(problem)
+        for alias in self.config.models:
+            (self.inbox / alias).mkdir(parents=True, exist_ok=True)
+        (self.state / "jobs").mkdir(parents=True, exist_ok=True)
+        self.outbox.mkdir(parents=True, exist_ok=True)
+        self.recover()
+        self.observer = start_observer(
+            self.inbox, self.events.put, polling=self.config.observer == "polling"
+        )
+        self.rescan()
+        notify("READY=1")
+        log.info("service_ready", inbox=str(self.inbox), queued=len(self.queue))
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def shutdown(self) -> None:
+        """Stop the running job where it is (it resumes at the next start) and the engine."""
+        notify("STOPPING=1")
+        if self.running is not None:
+            self.running.thread.join(self.config.stop_timeout_seconds * 0.6)
+        if self.observer is not None:
+            self.observer.stop()
+        self.pool.close(timeout=self.config.stop_timeout_seconds * 0.3)
+        log.info("service_stopped")
+
+    def serve_forever(self) -> None:
+        self.start()
+        try:
+            while not self.stopping.is_set():
+                self.tick()
+                self.wait()
+        finally:
+            self.shutdown()
+
+    def wait(self) -> None:
+        try:
+            candidate = self.events.get(timeout=0.2)
+        except queue.Empty:
+            return
+        self.events.put(candidate)
+
+    # -- one turn of the loop -----------------------------------------------------------
+
+    def tick(self) -> None:
+        self.take_events()
+        if time.monotonic() - self.last_rescan >= self.config.rescan_seconds:
+            self.rescan()
+        self.settle_and_claim()
+        self.reap()
+        if self.running is None and not self.stopping.is_set():
+            self.start_next()
+        if time.monotonic() - self.last_queue_update >= QUEUE_SECONDS:
+            self.update_queue()
+        if self.running is None and len(self.queue) == 0:
+            self.pool.unload_if_idle(self.config.idle_unload_seconds)
+        if time.monotonic() - self.last_sweep >= SWEEP_SECONDS:
+            self.sweep_status_files()
+        self.ping()
+
+    def take_events(self) -> None:
+        while True:
+            try:
+                candidate = self.events.get_nowait()
+            except queue.Empty:
+                return
+            self.note(candidate)
+
+    def note(self, candidate: Candidate) -> None:
+        kind = classify(candidate.path.name)
+        if kind == "job":
+            self.settler.note(candidate.path, candidate.hint)
+        elif kind == "cancel":
+            self.cancel(candidate.path)
+
+    def rescan(self) -> None:
+        self.last_rescan = time.monotonic()
+        for candidate in scan_inbox(self.inbox):
+            self.note(candidate)
+
+    # -- settling and claiming ----------------------------------------------------------
+
+    def settle_and_claim(self) -> None:
+        result = self.settler.settle()
+        for path, reason in result.refused:
+            self.refuse(path, reason)
+        for path in result.complete:
+            if self.stopping.is_set():
+                return
+            if shutil.disk_usage(self.state).free < self.config.min_free_bytes:
+                log.warning("low_disk_space", path=str(path), free_floor=self.config.min_free_bytes)
+                self.settler.note(path, "retry")
+                continue
+            self.claim(path)
+
+    def claim(self, path: Path) -> None:
+        try:
+            job = claim_and_validate(path, self.config, time.time_ns())
+        except ClaimLost:
+            return
+        log.info("job_claimed", job=job.id, input=job.input_name, model=job.model)
+        if job.errors:
+            self.deliver_failed(job)
+            return
+        self.enqueue(job)
+
+    def enqueue(self, job: Job) -> None:
+        job.estimate = estimate_job(job, self.state).as_dict()
+        self.queue.push(job)
+        mark_queued(job)
+        self.update_queue()
+
+    def refuse(self, path: Path, reason: str) -> None:
+        """A name that looks like a job but is not a regular file: say why beside it."""
+        key = (path, reason)
+        if key in self.refused:
+            return
+        self.refused.add(key)
+        log.warning("file_refused", path=str(path), reason=reason)
+        status = path.with_name(f"{path.stem}.status")
+        document = {
+            "id": None,
+            "input": str(path.relative_to(self.inbox)),
+            "status": "failed",
+            "errors": [{"code": "not_a_regular_file", "message": reason}],
+            "updated_at": iso(now()),
+        }
+        write_json_atomic(status, document)
+
+    def deliver_failed(self, job: Job) -> None:
+        finish_job(job, self.config, self.outbox, JobStatus.FAILED)
+        log.info("job_finished", **job.summary())
+
+    # -- running ------------------------------------------------------------------------
+
+    def start_next(self) -> None:
+        job = self.queue.pop()
+        if job is None:
+            return
+        running = Running(job=job, thread=threading.Thread(target=lambda: None))
+        hooks = RunHooks(
+            on_progress=lambda job, progress: self.progress(running, progress),
+            cancel_requested=running.cancel.is_set,
+            stop_requested=self.stopping.is_set,
+        )
+
+        def work() -> None:
+            try:
+                running.outcome = execute_job(job, self.config, self.pool, self.outbox, hooks)
+            except Exception:  # noqa: BLE001 - logged; the job stays in the spool for a restart
+                log.exception("job_crashed", job=job.id)
+            finally:
+                self.events.put(Candidate(self.inbox, "job-finished"))
+
+        running.thread = threading.Thread(target=work, name=f"job-{job.id}", daemon=True)
+        self.running = running
+        log.info("job_started", job=job.id, input=job.input_name, model=job.model)
+        running.thread.start()
+
+    def progress(self, running: Running, progress) -> None:
+        job = running.job
+        if running.run_started is None:
+            running.run_started = time.monotonic()
+        running.done = (job.completed + job.failed) / job.total if job.total else 1.0
+        if time.monotonic() - running.last_status >= STATUS_SECONDS:
+            running.last_status = time.monotonic()
+            self.write_running_eta(running)
+            write_status(job)
+
+    def running_left(self, running: Running) -> float:
+        estimated = float((running.job.estimate or {}).get("run_seconds", 0.0))
+        if running.run_started is None:
+            return estimated
+        elapsed = time.monotonic() - running.run_started
+        return remaining_seconds(estimated, elapsed, running.done)
+
+    def write_running_eta(self, running: Running) -> None:
+        left = self.running_left(running)
+        basis = (running.job.estimate or {}).get("basis", "no estimate")
+        done = round(100 * running.done)
+        write_eta(running.job, left, f"{basis}; running, {done}% of requests done")
+
+    def reap(self) -> None:
+        running = self.running
+        if running is None or running.thread.is_alive():
+            return
+        self.running = None
+        job = running.job
+        if job.status.finished:
+            log.info("job_finished", **job.summary())
+        self.pool.touch()
+
+    # -- cancelling ---------------------------------------------------------------------
+
+    def cancel(self, path: Path) -> None:
+        if not path.exists():
+            return
+        stem = path.stem
+        running = self.running
+        if (
+            running is not None
+            and running.job.sidecar_dir == path.parent
+            and (running.job.stem == stem)
+        ):
+            running.cancel.set()
+            log.info("job_cancel_requested", job=running.job.id)
+            path.unlink(missing_ok=True)
+            return
+        job = self.queue.find(path.parent, stem)
+        if job is not None:
+            self.queue.remove(job)
+            finish_job(job, self.config, self.outbox, JobStatus.CANCELLED)
+            log.info("job_finished", **job.summary())
+            path.unlink(missing_ok=True)
+            self.update_queue()
+            return
+        if (path.parent / f"{stem}.jsonl").exists():
+            return  # its file is still settling: the cancel applies once it is claimed
+        log.warning("cancel_without_job", path=str(path))
+        path.unlink(missing_ok=True)
+
+    # -- sidecars of waiting jobs ----------------------------------------------------------
+
+    def update_queue(self) -> None:
+        self.last_queue_update = time.monotonic()
+        history = list(read_history(self.state))
+        jobs = list(self.queue)
+        running = self.running
+        loaded = running.job.model if running else self.pool.model
+        plans = plan_queue(
+            jobs,
+            {job.id: float((job.estimate or {}).get("run_seconds", 0.0)) for job in jobs},
+            {job.model or "": load_seconds_for(job.model or "", history) for job in jobs},
+            loaded,
+            self.running_left(running) if running else None,
+        )
+        for position, job in enumerate(jobs, start=1):
+            plan = plans[job.id]
+            job.queue_position = position
+            write_eta(job, plan.finish, queue_basis(job, plan))
+            write_status(job)
+        for candidate in self.pending_cancels():
+            self.cancel(candidate)
+        self.status_line()
+
+    def pending_cancels(self) -> list[Path]:
+        return [
+            candidate.path
+            for candidate in scan_inbox(self.inbox)
+            if classify(candidate.path.name) == "cancel"
+        ]
+
+    def status_line(self) -> None:
+        running = self.running
+        if running is None:
+            text = f"idle; {len(self.queue)} queued"
+        else:
+            job = running.job
+            text = (
+                f"running {job.input_name} ({job.model}): "
+                f"{job.completed + job.failed}/{job.total}; {len(self.queue)} queued"
+            )
+        notify(f"STATUS={text}")
+
+    def ping(self) -> None:
+        interval = watchdog_interval()
+        if interval is not None and time.monotonic() - self.last_watchdog >= interval:
+            self.last_watchdog = time.monotonic()
+            if self.running is not None:
+                self.status_line()
+            notify("WATCHDOG=1")
+
+    def sweep_status_files(self) -> None:
+        """Remove final `.status` sidecars older than keep_status_hours."""
+        self.last_sweep = time.monotonic()
+        cutoff = now() - timedelta(hours=self.config.keep_status_hours)
+        for folder in [self.inbox, *[p for p in self.inbox.iterdir() if p.is_dir()]]:
+            for path in folder.glob("*.status"):
+                if is_expired(path, cutoff):
+                    path.unlink(missing_ok=True)
+
+    # -- recovery -----------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Pick up every job the spool holds, in its original order."""
+        for work in sorted((self.state / "jobs").iterdir()):
+            if not (work / JOB_RECORD).is_file():
+                shutil.rmtree(work, ignore_errors=True)  # claimed but never recorded: empty
+                continue
+            job = load_job(work)
+            self.recover_job(job)
+
+    def recover_job(self, job: Job) -> None:
+        log.info("job_recovered", job=job.id, status=job.status.value)
+        if job.status.finished or job.status is JobStatus.FINALIZING:
+            if not job.out.exists() and job.outbox:
+                job.status = job.status if job.status.finished else JobStatus.COMPLETED
+                shutil.rmtree(job.work, ignore_errors=True)  # delivered before the stop
+                return
+            final = job.status if job.status.finished else JobStatus.FAILED
+            finish_job(job, self.config, self.outbox, final)
+            return
+        if job.status is JobStatus.CANCELLING:
+            finish_job(job, self.config, self.outbox, JobStatus.CANCELLED)
+            return
+        if job.status is JobStatus.VALIDATING:
+            revalidate(job, self.config)
+            if job.errors:
+                self.deliver_failed(job)
+                return
+        self.queue.push(job)
+        if job.status is not JobStatus.IN_PROGRESS:
+            mark_queued(job)
+
+
+def revalidate(job: Job, config: Config) -> None:
+    """Validate a job claimed before a stop, with the ticket that was claimed with it."""
+    ticket_model = None
+    ticket_path = find_ticket(job.out, job.stem)
+    if ticket_path is not None:
+        try:
+            ticket_model = load_ticket(ticket_path).model
+        except TicketError as error:
+            fail_job(job, "invalid_ticket", str(error))
+            return
+    try:
+        validate_job(job, config, ticket_model)
+    except JobError as error:
+        fail_job(job, error.code, error.message, error.line)
+
+
+def queue_basis(job: Job, plan) -> str:
+    basis = (job.estimate or {}).get("basis", "no estimate")
+    parts = [basis]
+    parts.append(f"{plan.ahead} job{'s' if plan.ahead != 1 else ''} ahead in the queue")
+    if plan.load:
+        parts.append(f"includes loading {job.model}")
+    return "; ".join(parts)
+
+
+def is_expired(path: Path, cutoff: datetime) -> bool:
+    try:
+        document = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return False
+    if not isinstance(document, dict) or document.get("status") not in (
+        "completed",
+        "failed",
+        "cancelled",
+    ):
+        return False
+    finished = document.get("completed_at") or document.get("updated_at")
+    try:
+        return finished is not None and datetime.fromisoformat(finished) < cutoff
+    except ValueError:
+        return False

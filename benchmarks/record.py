@@ -39,6 +39,7 @@ def build_record(
     estimate: dict[str, Any] | None,
     finished_at: str,
     metadata: dict[str, Any] | None = None,
+    completion_samples: list[list] | None = None,
 ) -> dict[str, Any]:
     """Everything SPEC section 6 names, in one flat-enough dict."""
     total_tokens = prompt_tokens + completion_tokens
@@ -74,6 +75,8 @@ def build_record(
             else None
         ),
         "metadata": metadata or {},
+        # [max_tokens, tokens, stopped by itself] for a sample of the answers
+        "completion_samples": completion_samples or [],
     }
 
 

@@ -17,6 +17,8 @@ from typing import Protocol
 from runner.engine import Engine, EngineLoadError, ModelSpec, RequestRejected, load_engine
 from runner.types import EngineInfo, EngineOutput, EngineRequest
 
+COUNTERS_SECONDS = 0.5  # how often an engine that finishes nothing still reports progress
+
 
 class EngineDied(Exception):
     """The engine process ended while requests were in it."""
@@ -31,6 +33,9 @@ class EngineClient(Protocol):
         """Finished outputs, waiting up to `timeout` seconds for the first one."""
 
     def abort(self, keys: list[str]) -> None: ...
+
+    def counters(self) -> tuple[int, int]:
+        """Prompt and completion tokens the engine has processed since it loaded."""
 
     def close(self) -> None: ...
 
@@ -69,6 +74,9 @@ class LocalClient:
     def abort(self, keys: list[str]) -> None:
         self.engine.abort(keys)
 
+    def counters(self) -> tuple[int, int]:
+        return self.engine.counters()
+
     def close(self) -> None:
         self.engine.close()
 
@@ -78,9 +86,9 @@ def _child_main(spec: ModelSpec, connection) -> None:
     try:
         engine = load_engine(spec)
     except Exception as error:  # anything at load is reported to the parent in words
-        connection.send(("failed", f"{type(error).__name__}: {error}"))
+        connection.send(("failed", f"{type(error).__name__}: {error}", None))
         return
-    connection.send(("ready", engine.info))
+    connection.send(("ready", engine.info, engine.counters()))
     inbox: queue.Queue = queue.Queue()
 
     def receive() -> None:
@@ -95,6 +103,7 @@ def _child_main(spec: ModelSpec, connection) -> None:
 
     threading.Thread(target=receive, daemon=True).start()
     ready: list[EngineOutput] = []
+    last_counters = 0.0
     while True:
         busy = engine.has_unfinished() or ready
         try:
@@ -116,8 +125,9 @@ def _child_main(spec: ModelSpec, connection) -> None:
                 message = None
         if engine.has_unfinished():
             ready += engine.step()
-        if ready:
-            connection.send(("outputs", ready))
+        if ready or time.monotonic() - last_counters >= COUNTERS_SECONDS:
+            connection.send(("outputs", ready, engine.counters()))
+            last_counters = time.monotonic()
             ready = []
 
 
@@ -134,6 +144,7 @@ class EngineProcess:
         self.process.start()
         child_end.close()
         self.spec = spec
+        self.latest_counters = (0, 0)
         self.info = self._wait_ready(load_timeout)
         self.started_seconds = time.monotonic() - started
 
@@ -142,7 +153,7 @@ class EngineProcess:
         while time.monotonic() < deadline:
             if self.connection.poll(0.5):
                 try:
-                    kind, payload = self.connection.recv()
+                    kind, payload, _ = self.connection.recv()
                 except EOFError:
                     break
                 if kind == "ready":
@@ -175,9 +186,10 @@ class EngineProcess:
         try:
             wait = timeout
             while self.connection.poll(wait):
-                kind, payload = self.connection.recv()
+                kind, payload, counters = self.connection.recv()
                 if kind == "outputs":
                     outputs += payload
+                    self.latest_counters = counters
                 wait = 0
         except (EOFError, OSError) as error:
             raise EngineDied(self._death()) from error
@@ -190,6 +202,9 @@ class EngineProcess:
         return (
             f"the engine process for {self.spec.alias!r} ended (exit code {self.process.exitcode})"
         )
+
+    def counters(self) -> tuple[int, int]:
+        return self.latest_counters
 
     def abort(self, keys: list[str]) -> None:
         try:

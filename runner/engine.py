@@ -56,6 +56,9 @@ class Engine(Protocol):
 
     def abort(self, keys: list[str]) -> None: ...
 
+    def counters(self) -> tuple[int, int]:
+        """Prompt and completion tokens processed since load, finished requests or not."""
+
     def close(self) -> None: ...
 
 
@@ -110,6 +113,8 @@ class FakeEngine:
         time.sleep(float(options.get("fake_load_seconds", 0.0)))
         self.spec = spec
         self.waiting: deque[tuple[EngineRequest, int]] = deque()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
         self.info = EngineInfo(
             model=spec.alias,
             source=spec.source,
@@ -159,6 +164,7 @@ class FakeEngine:
                     "more.",
                 )
         self.waiting.append((request, sum(len(words) for words in prompts)))
+        self.prompt_tokens += sum(len(words) for words in prompts)
 
     def _finish(self, request: EngineRequest, prompt_tokens: int) -> EngineOutput:
         if request.endpoint == EMBEDDINGS:
@@ -185,8 +191,13 @@ class FakeEngine:
         finished = []
         for _ in range(min(self.batch, len(self.waiting))):
             request, prompt_tokens = self.waiting.popleft()
-            finished.append(self._finish(request, prompt_tokens))
+            output = self._finish(request, prompt_tokens)
+            self.completion_tokens += output.completion_tokens
+            finished.append(output)
         return finished
+
+    def counters(self) -> tuple[int, int]:
+        return self.prompt_tokens, self.completion_tokens
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting)

@@ -8,6 +8,7 @@ which requests are done: results by `custom_id`, errors by the input line they c
 from __future__ import annotations
 
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,20 @@ class Tally:
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # A uniform sample of the choices' [max_tokens, tokens, stopped by itself], from which
+    # the estimator learns how long this model's answers run.
+    samples: list[list] = field(default_factory=list)
+    sampled: int = 0
+    chooser: random.Random = field(default_factory=lambda: random.Random(0), repr=False)
+
+    def add_sample(self, max_tokens: int, tokens: int, stopped: bool, keep: int = 500) -> None:
+        self.sampled += 1
+        if len(self.samples) < keep:
+            self.samples.append([max_tokens, tokens, stopped])
+        else:  # reservoir sampling: every choice seen has the same chance to be kept
+            slot = self.chooser.randrange(self.sampled)
+            if slot < keep:
+                self.samples[slot] = [max_tokens, tokens, stopped]
 
     def add_result(self, record: dict) -> None:
         self.completed += 1

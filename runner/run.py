@@ -127,6 +127,9 @@ class Progress:
     tally: Tally
     in_flight: int = 0
     started: float = field(default_factory=time.monotonic)
+    # tokens the engine has processed in this run, finished requests or not
+    engine_prompt_tokens: int = 0
+    engine_completion_tokens: int = 0
 
 
 @dataclass
@@ -181,6 +184,11 @@ class _Feeder:
         record = result_record(request, output, self.options.model)
         self.journal.write(RESULTS, record)
         self.tally.add_result(record)
+        max_tokens = request.sampling.get("max_tokens") or (
+            self.client.info.max_model_len - output.prompt_tokens
+        )
+        for choice in output.choices:
+            self.tally.add_sample(max_tokens, choice.token_count, choice.finish_reason == "stop")
 
 
 def run_lines(
@@ -198,12 +206,16 @@ def run_lines(
     feeder = _Feeder(client, journal, options, done.tally)
     checker = LineChecker(options.limits, options.defaults, options.endpoint)
     last_report = 0.0
+    baseline = client.counters()
 
     def report(force: bool = False) -> None:
         nonlocal last_report
         now = time.monotonic()
         if force or now - last_report >= options.progress_seconds:
             progress.in_flight = len(feeder.in_flight)
+            prompt, completion = client.counters()
+            progress.engine_prompt_tokens = prompt - baseline[0]
+            progress.engine_completion_tokens = completion - baseline[1]
             on_progress(progress)
             last_report = now
 

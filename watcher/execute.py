@@ -128,6 +128,7 @@ class RunTimes:
     load_seconds: float = 0.0
     run_seconds: float = 0.0
     engine: dict[str, Any] = field(default_factory=dict)
+    samples: list[list] = field(default_factory=list)
 
 
 def _apply_progress(job: Job, progress: Progress, run_started: float) -> None:
@@ -153,7 +154,7 @@ def run_engine(
     times.engine = {
         "hardware": client.info.hardware,
         "engine_version": client.info.engine_version,
-        "settings": client.info.settings,
+        "settings": {**client.info.settings, "max_in_flight": config.max_in_flight},
     }
     mark_in_progress(job)
     options = RunOptions(
@@ -174,7 +175,10 @@ def run_engine(
         return hooks.cancel_requested() or hooks.stop_requested()
 
     try:
-        run_lines(job.out / INPUT, journal, client, options, job.total, progress, should_end)
+        result = run_lines(
+            job.out / INPUT, journal, client, options, job.total, progress, should_end
+        )
+        times.samples = result.tally.samples
     except EngineDied as error:
         raise JobError("engine_died", str(error)) from None
     except FileRejected as error:
@@ -256,6 +260,7 @@ def benchmark_record(job: Job, config: Config, final: JobStatus, times: RunTimes
         estimate=job.estimate,
         finished_at=iso(now()) or "",
         metadata=job.metadata,
+        completion_samples=times.samples,
     )
 
 

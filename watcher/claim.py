@@ -1,0 +1,146 @@
+"""Claiming: a complete file leaves the inbox by one atomic rename into the spool.
+
+From the rename on, the service owns the file: it is in `state/jobs/<id>/out/input.jsonl`
+and the `.status` sidecar stands where the file was. The ticket beside it moves along.
+Inbox, outbox and state are on one filesystem (the service checks that at start with
+`watcher.machine.one_filesystem_problem`), so every move here is a rename, never a copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from runner.durable import fsync_dir, rename_durably, write_json_atomic
+from watcher.commands import new_spool_job
+from watcher.config import Config
+from watcher.execute import INPUT, JobError, validate_job
+from watcher.inbox import stem_of
+from watcher.jobs import JOB_RECORD, Job, fail_job, write_status
+from watcher.machine import one_filesystem_problem
+from watcher.tickets import TicketError, find_ticket, load_ticket
+
+ID_ATTEMPTS = 5
+
+
+class ClaimError(Exception):
+    """The file could not be taken; nothing of it is in the spool."""
+
+
+class ClaimLost(ClaimError):
+    """The file was gone (or swapped for something else) by the time it was to be taken."""
+
+
+def inbox_subdir(path: Path, inbox: Path) -> str:
+    """The subfolder a drop came from: "" for the inbox itself, else the model folder name."""
+    folder = path.parent
+    if folder == inbox:
+        return ""
+    # A symlinked subfolder would let a drop move a file from anywhere the link points.
+    if folder.parent == inbox and not folder.is_symlink():
+        return folder.name
+    raise ClaimError(f"{path} is not in the inbox or one of its subfolders")
+
+
+def claim_job(path: Path, config: Config, sequence: int) -> tuple[Job, str | None]:
+    """Take a complete file into a new spool job; the job and its ticket's model, if any.
+
+    The job is in state `validating`; when its ticket is bad it already carries the error.
+    """
+    subdir = inbox_subdir(path, config.folder("inbox"))
+    job = _new_job(config, stem_of(path.name), subdir, path.parent)
+    job.sequence = sequence
+    _take_input(path, job, config)
+    write_status(job)  # the sidecar stands in the inbox from the moment the file is gone
+    ticket_model = _take_ticket(path, job)
+    write_status(job)  # the job record keeps the ticket's values for a restart
+    return job, ticket_model
+
+
+def _new_job(config: Config, stem: str, subdir: str, sidecar_dir: Path) -> Job:
+    # Job ids carry four random hex digits per second (SPEC's format), so a burst of drops
+    # can draw the same id twice; mkdir refuses the second, and a fresh draw fixes it.
+    for _ in range(ID_ATTEMPTS - 1):
+        try:
+            return new_spool_job(config, stem, subdir, sidecar_dir=sidecar_dir)
+        except FileExistsError:
+            continue
+    return new_spool_job(config, stem, subdir, sidecar_dir=sidecar_dir)
+
+
+def _take_input(path: Path, job: Job, config: Config) -> None:
+    target = job.out / INPUT
+    # The record goes first: after a crash, a spool folder holding an input always has a
+    # record saying what it is, and a record without an input means the file never left
+    # the inbox. The new folders must be durable before the only copy of the file moves in.
+    write_json_atomic(job.work / JOB_RECORD, job.to_record())
+    for folder in (job.work.parent, job.work.parent.parent):
+        fsync_dir(folder)
+    try:
+        rename_durably(path, target)
+    except FileNotFoundError:
+        shutil.rmtree(job.work)
+        raise ClaimLost(f"{path.name} was gone before it could be taken") from None
+    except OSError as error:
+        shutil.rmtree(job.work)
+        if error.errno == errno.EXDEV:
+            raise ClaimError(one_filesystem_problem(config) or str(error)) from None
+        raise
+    _make_sure_regular(path, target, job)
+
+
+def _make_sure_regular(path: Path, target: Path, job: Job) -> None:
+    """Undo the claim when a symlink or FIFO took the file's place after it settled.
+
+    Reading such a thing later would follow the link or block on the pipe forever.
+    """
+    if stat.S_ISREG(os.lstat(target).st_mode):
+        return
+    if not os.path.lexists(path):
+        os.rename(target, path)  # back where it was, so the settler refuses it with a reason
+    elif os.path.isdir(target) and not os.path.islink(target):
+        shutil.rmtree(target)
+    else:
+        target.unlink()
+    shutil.rmtree(job.work)
+    raise ClaimLost(f"{path.name} was replaced by something that is not a regular file")
+
+
+def _take_ticket(path: Path, job: Job) -> str | None:
+    """Move `<stem>.yaml` (or `.yml`) along and apply it; the model it names, if any."""
+    ticket_path = find_ticket(path.parent, job.stem)
+    if ticket_path is None:
+        return None
+    target = job.out / f"{job.stem}{ticket_path.suffix}"
+    try:
+        rename_durably(ticket_path, target)
+    except FileNotFoundError:
+        return None  # removed by its owner in the meantime: the job runs without one
+    job.has_ticket = True
+    if not stat.S_ISREG(os.lstat(target).st_mode):
+        # Swapped after find_ticket looked: reading a FIFO would block the service.
+        fail_job(job, "invalid_ticket", f"ticket {ticket_path.name} is not a regular file")
+        return None
+    try:
+        ticket = load_ticket(target)
+    except TicketError as error:
+        fail_job(job, "invalid_ticket", str(error))
+        return None
+    job.priority, job.metadata, job.defaults = ticket.priority, ticket.metadata, ticket.defaults
+    return ticket.model
+
+
+def claim_and_validate(path: Path, config: Config, sequence: int) -> Job:
+    """Claim the file and check it. The job stays `validating`; `job.errors` set means it
+    must be delivered as failed (with `finish_job`), else the caller queues it."""
+    job, ticket_model = claim_job(path, config, sequence)
+    if not job.errors:
+        try:
+            validate_job(job, config, ticket_model)
+        except JobError as error:
+            fail_job(job, error.code, error.message, error.line)
+        write_status(job)
+    return job

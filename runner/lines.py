@@ -139,9 +139,7 @@ def parse_line(
     if problem:
         return LineError(raw.number, custom_id, *problem)
     url = item["url"]
-    body = dict(item["body"])
-    for key, value in (defaults or {}).items():
-        body.setdefault(key, value)
+    body = apply_defaults(item["body"], defaults)
     try:
         parsed = BODY_MODELS[url].model_validate(body)
     except ValidationError as error:
@@ -151,6 +149,19 @@ def parse_line(
         return LineError(raw.number, custom_id, "limit_exceeded", limit_problem)
     request, prompt_chars = to_engine_request(custom_id, url, parsed)
     return ParsedLine(raw.number, custom_id, url, parsed.model, request, prompt_chars)
+
+
+# Keys that say the same thing: a line that sets one is not given the ticket's other.
+SYNONYMS = {"max_tokens": "max_completion_tokens", "max_completion_tokens": "max_tokens"}
+
+
+def apply_defaults(body: dict[str, Any], defaults: dict[str, Any] | None) -> dict[str, Any]:
+    """The ticket's defaults for what the line does not set; the line's own values win."""
+    merged = dict(body)
+    for key, value in (defaults or {}).items():
+        if key not in merged and SYNONYMS.get(key) not in merged:
+            merged[key] = value
+    return merged
 
 
 def _envelope_problem(item: dict[str, Any]) -> tuple[str, str] | None:
@@ -167,21 +178,33 @@ def _envelope_problem(item: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+# Parameters OpenAI defines that a batch cannot honour, with what to do instead.
+CANNOT_HONOUR = {
+    "stream": "stream: true cannot be honoured in a batch; leave it out or set it to false",
+    "echo": "echo: true is not supported; leave it out or set it to false",
+    "suffix": "suffix is not supported; leave it out",
+    "dimensions": "dimensions is not supported; the model returns its own size",
+    "best_of": "best_of different from n is not supported",
+}
+
+
 def _describe(error: ValidationError) -> tuple[str, str]:
+    """The error code and one message naming every problem's place in the body."""
     details = error.errors(include_url=False)
-    unsupported = [d for d in details if d["type"] in ("extra_forbidden", "literal_error")]
-    parts = []
+    parts, unsupported = [], 0
     for detail in details[:5]:
-        where = ".".join(str(part) for part in detail["loc"] if not _is_union_tag(part))
+        location = [str(part) for part in detail["loc"] if not _is_union_tag(part)]
+        where = ".".join(location)
+        message = detail["msg"].removeprefix("Value error, ")
         if detail["type"] == "extra_forbidden":
+            unsupported += 1
             parts.append(f"body.{where}: unsupported parameter")
+        elif location and location[0] in CANNOT_HONOUR and len(location) == 1:
+            unsupported += 1
+            parts.append(f"body.{CANNOT_HONOUR[location[0]]}")
         else:
-            parts.append(f"body.{where}: {detail['msg']}" if where else detail["msg"])
-    code = (
-        "unsupported_parameter"
-        if unsupported and len(unsupported) == len(details)
-        else ("invalid_request")
-    )
+            parts.append(f"body.{where}: {message}" if where else f"body: {message}")
+    code = "unsupported_parameter" if unsupported == len(details[:5]) else "invalid_request"
     return code, "; ".join(dict.fromkeys(parts))
 
 

@@ -61,6 +61,10 @@ class LineChecker:
     def check(self, raw: RawLine) -> ParsedLine | LineError:
         parsed = parse_line(raw, self.limits, self.defaults)
         if isinstance(parsed, LineError):
+            # A bad line still holds its custom_id: a later line may not reuse it, or the
+            # id would stand in both errors.jsonl and results.jsonl.
+            if parsed.custom_id is not None:
+                self.seen.add(parsed.custom_id)
             return parsed
         if parsed.custom_id in self.seen:
             return LineError(
@@ -278,8 +282,9 @@ def _custom_id_of(raw: RawLine) -> str | None:
     """The line's custom_id when it has a readable one, whatever else is wrong with it."""
     if raw.data is None:
         return None
+    data = raw.data.removeprefix(b"\xef\xbb\xbf") if raw.number == 1 else raw.data
     try:
-        item = orjson.loads(raw.data)
+        item = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
     custom_id = item.get("custom_id") if isinstance(item, dict) else None

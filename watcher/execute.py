@@ -224,6 +224,8 @@ def finish_job(
         code, message = "batch_failed", f"the job failed before this request ran: {first}"
     tally = fail_remaining(job.out / INPUT, Journal(job.out), code, message, config.limits_value)
     job.completed, job.failed = tally.completed, tally.failed
+    # A file that failed before it was counted: what fail_remaining saw is its size.
+    job.total = max(job.total, tally.completed + tally.failed)
     job.prompt_tokens, job.completion_tokens = tally.prompt_tokens, tally.completion_tokens
     target = pick_outbox_folder(outbox, job.subdir, job.stem)
     job.outbox = str(target.relative_to(outbox)) if target.is_relative_to(outbox) else str(target)

@@ -1,0 +1,117 @@
+"""Small shared helpers for the tests: request lines, JSONL files, and the SPEC §5 invariant."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+
+
+def chat_line(custom_id: Any, content: str = "hello there", **body: Any) -> dict[str, Any]:
+    messages = [{"role": "user", "content": content}]
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": CHAT,
+        "body": {"messages": messages, **body},
+    }
+
+
+def completion_line(custom_id: Any, prompt: Any = "once upon a time", **body: Any) -> dict:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": COMPLETIONS,
+        "body": {"prompt": prompt, **body},
+    }
+
+
+def embedding_line(custom_id: Any, text: Any = "some text", **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": EMBEDDINGS,
+        "body": {"input": text, **body},
+    }
+
+
+def encode(item: dict[str, Any] | bytes | str) -> bytes:
+    """One line's bytes, without its newline: dicts as JSON, bytes as they are."""
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, str):
+        return item.encode()
+    return json.dumps(item).encode()
+
+
+def write_jsonl(path: Path, items: list[dict[str, Any] | bytes | str]) -> Path:
+    path.write_bytes(b"".join(encode(item) + b"\n" for item in items))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def input_lines(path: Path) -> dict[int, str | None]:
+    """Each non-blank line's 1-based number and the custom_id it carries, if readable.
+
+    Read here independently of the code under test, the plain way a user's script would.
+    """
+    lines: dict[int, str | None] = {}
+    for number, data in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not data.strip():
+            continue
+        if number == 1:
+            data = data.removeprefix(b"\xef\xbb\xbf")
+        try:
+            item = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            item = None
+        custom_id = item.get("custom_id") if isinstance(item, dict) else None
+        lines[number] = custom_id if isinstance(custom_id, str) and custom_id else None
+    return lines
+
+
+def assert_every_line_once(input_path: Path, out_folder: Path) -> tuple[list, list]:
+    """SPEC §5: every non-blank input line is in exactly one of results or errors, once.
+
+    Results join to the first line with their custom_id; errors by `error.line`. Returns the
+    result and error records for further checks.
+    """
+    lines = input_lines(input_path)
+    first_line_of: dict[str, int] = {}
+    for number, custom_id in lines.items():
+        if custom_id is not None:
+            first_line_of.setdefault(custom_id, number)
+    results = read_jsonl(out_folder / "results.jsonl")
+    errors = read_jsonl(out_folder / "errors.jsonl")
+
+    result_lines = []
+    for record in results:
+        assert record["error"] is None and record["response"]["status_code"] == 200, record
+        assert record["custom_id"] in first_line_of, f"result for unknown {record['custom_id']}"
+        result_lines.append(first_line_of[record["custom_id"]])
+    error_lines = []
+    for record in errors:
+        assert record["response"] is None, record
+        line = record["error"]["line"]
+        assert line in lines, f"error for line {line}, which is not a request line"
+        if record["custom_id"] is not None:
+            assert record["custom_id"] == lines[line], record
+        error_lines.append(line)
+
+    twice = sorted(n for n, count in Counter(result_lines).items() if count > 1)
+    assert not twice, f"lines with more than one result: {twice}"
+    twice = sorted(n for n, count in Counter(error_lines).items() if count > 1)
+    assert not twice, f"lines with more than one error: {twice}"
+    both = sorted(set(result_lines) & set(error_lines))
+    assert not both, f"lines in both results and errors: {both}"
+    missing = sorted(set(lines) - set(result_lines) - set(error_lines))
+    assert not missing, f"lines in neither results nor errors: {missing}"
+    return results, errors

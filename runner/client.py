@@ -23,6 +23,8 @@ COUNTERS_SECONDS = 0.5  # how often an engine that finishes nothing still report
 class EngineDied(Exception):
     """The engine process ended while requests were in it."""
 
+    in_engine: list[str] = []  # filled in by the runner: the requests the engine held
+
 
 class EngineClient(Protocol):
     info: EngineInfo

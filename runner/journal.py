@@ -144,3 +144,47 @@ class Journal:
         for handle in self.handles.values():
             handle.close()
         self.handles.clear()
+
+
+SOLO_CRASHES = 2  # a request that kills the engine this often while alone in it is failed
+
+
+@dataclass
+class CrashBook:
+    """Which requests were in the engine when its process died, kept beside the journal.
+
+    All the requests in flight at a crash become suspects; a suspect runs alone next time,
+    so a request that brings the engine down is told apart from the ones beside it.
+    """
+
+    path: Path
+    suspects: set[str] = field(default_factory=set)
+    solo: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> CrashBook:
+        if not path.exists():
+            return cls(path)
+        data = orjson.loads(path.read_bytes())
+        return cls(path, set(data.get("suspects", [])), dict(data.get("solo", {})))
+
+    def save(self) -> None:
+        from runner.durable import write_atomic
+
+        data = {"suspects": sorted(self.suspects), "solo": self.solo}
+        write_atomic(self.path, orjson.dumps(data))
+
+    def record(self, in_engine: list[str]) -> None:
+        if len(in_engine) == 1:
+            key = in_engine[0]
+            self.solo[key] = self.solo.get(key, 0) + 1
+        self.suspects.update(in_engine)
+        self.save()
+
+    def condemned(self, key: str) -> bool:
+        return self.solo.get(key, 0) >= SOLO_CRASHES
+
+    def cleared(self, key: str) -> None:
+        if key in self.suspects:
+            self.suspects.discard(key)
+            self.save()

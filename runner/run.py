@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from runner.client import EngineClient
-from runner.journal import ERRORS, RESULTS, Journal, Tally
+from runner.client import EngineClient, EngineDied
+from runner.journal import ERRORS, RESULTS, SOLO_CRASHES, CrashBook, Journal, Tally
 from runner.lines import (
     FileRejected,
     Limits,
@@ -173,6 +173,10 @@ class _Feeder:
             self.client.submit(self.pending)
             self.pending = []
 
+    def submitted(self) -> list[str]:
+        waiting = {request.key for request in self.pending}
+        return [key for key in self.in_flight if key not in waiting]
+
     def receive(self, timeout: float) -> None:
         for output in self.client.poll(timeout):
             self.finish(output)
@@ -203,8 +207,13 @@ def run_lines(
     total: int,
     on_progress: Callable[[Progress], None] = lambda progress: None,
     should_stop: Callable[[], bool] = lambda: False,
+    crashes: CrashBook | None = None,
 ) -> Progress:
-    """Run every line not yet in the journal. Returns early, with nothing lost, on a stop."""
+    """Run every line not yet in the journal. Returns early, with nothing lost, on a stop.
+
+    When the engine dies, EngineDied carries `in_engine`, the requests it held, for the
+    crash book; the next run takes those one at a time.
+    """
     done = journal.load()
     progress = Progress(total=total, tally=done.tally)
     feeder = _Feeder(client, journal, options, done.tally)
@@ -224,34 +233,78 @@ def run_lines(
             last_report = now
 
     stopped = False
-    for raw in read_raw_lines(path, options.limits.max_line_bytes):
-        parsed = checker.check(raw)
-        if raw.number in done.lines:
-            continue
-        if isinstance(parsed, LineError):
-            feeder.error(parsed.line, parsed.custom_id, parsed.code, parsed.message)
-            continue
-        if parsed.custom_id in done.ids:
-            continue
-        feeder.send(parsed)
-        while len(feeder.in_flight) >= options.max_in_flight and not stopped:
-            feeder.flush()
-            feeder.receive(0.5)
-            stopped = should_stop()
-        report()
-        if stopped or should_stop():
-            stopped = True
-            break
-    feeder.flush()
-    while feeder.in_flight and not stopped:
-        feeder.receive(0.5)
-        report()
-        stopped = should_stop()
+    try:
+        for raw in read_raw_lines(path, options.limits.max_line_bytes):
+            parsed = checker.check(raw)
+            if raw.number in done.lines:
+                continue
+            if isinstance(parsed, LineError):
+                feeder.error(parsed.line, parsed.custom_id, parsed.code, parsed.message)
+                continue
+            if parsed.custom_id in done.ids:
+                continue
+            if crashes is not None and parsed.custom_id in crashes.suspects:
+                stopped = _run_alone(feeder, parsed, crashes, report, should_stop)
+            else:
+                feeder.send(parsed)
+                while len(feeder.in_flight) >= options.max_in_flight and not stopped:
+                    feeder.flush()
+                    feeder.receive(0.5)
+                    stopped = should_stop()
+            report()
+            if stopped or should_stop():
+                stopped = True
+                break
+        feeder.flush()
+        stopped = _drain(feeder, report, should_stop) or stopped
+    except EngineDied as error:
+        error.in_engine = feeder.submitted()
+        journal.sync()
+        raise
     if stopped and feeder.in_flight:
         client.abort(list(feeder.in_flight))
     journal.sync()
     report(force=True)
     return progress
+
+
+def _drain(feeder: _Feeder, report: Callable[..., None], should_stop: Callable[[], bool]) -> bool:
+    """Wait for everything in flight; True when asked to stop first."""
+    while feeder.in_flight:
+        if should_stop():
+            return True
+        feeder.receive(0.5)
+        report()
+    return False
+
+
+def _run_alone(
+    feeder: _Feeder,
+    parsed: ParsedLine,
+    crashes: CrashBook,
+    report: Callable[..., None],
+    should_stop: Callable[[], bool],
+) -> bool:
+    """Run a request that was in the engine when it died, with nothing else beside it."""
+    if crashes.condemned(parsed.custom_id):
+        feeder.error(
+            parsed.line,
+            parsed.custom_id,
+            "engine_crashed",
+            f"the engine process died each of the {SOLO_CRASHES} times this request ran "
+            "alone in it",
+        )
+        crashes.cleared(parsed.custom_id)
+        return False
+    feeder.flush()
+    if _drain(feeder, report, should_stop):
+        return True
+    feeder.send(parsed)
+    feeder.flush()
+    if _drain(feeder, report, should_stop):
+        return True
+    crashes.cleared(parsed.custom_id)
+    return False
 
 
 def fail_remaining(path: Path, journal: Journal, code: str, message: str, limits: Limits) -> Tally:

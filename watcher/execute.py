@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import structlog
+
 from benchmarks.estimator import Estimate, JobShape, estimate_run
 from benchmarks.record import append_history, build_record, read_history
 from runner.client import EngineClient, EngineDied
 from runner.durable import rename_durably, write_json_atomic
 from runner.engine import EngineLoadError, ModelSpec
-from runner.journal import Journal
+from runner.journal import CrashBook, Journal
 from runner.lines import FileRejected
 from runner.run import Progress, RunOptions, fail_remaining, run_lines, scan_file
 from watcher.config import Config
@@ -37,6 +39,9 @@ from watcher.jobs import (
 )
 
 INPUT = "input.jsonl"
+CRASHES = "crashes.json"  # in the job's spool folder, not in what is delivered
+
+log = structlog.get_logger()
 
 
 class JobError(Exception):
@@ -141,22 +146,26 @@ def _apply_progress(job: Job, progress: Progress, run_started: float) -> None:
         job.requests_per_second = (tally.completed + tally.failed) / elapsed
 
 
+ENGINE_RESTARTS = 8  # engine deaths one job survives; each poison request costs three
+
+
+def _engine_for(engines: EngineProvider, spec: ModelSpec) -> tuple[EngineClient, float]:
+    try:
+        return engines.client_for(spec)
+    except EngineLoadError as error:
+        raise JobError("model_load_failed", str(error)) from None
+
+
 def run_engine(
     job: Job, config: Config, engines: EngineProvider, hooks: RunHooks, times: RunTimes
 ) -> JobStatus | None:
-    """Run the job's lines; the final status, or None when stopped to resume later."""
+    """Run the job's lines; the final status, or None when stopped to resume later.
+
+    When the engine process dies, a new one takes over where the journal says the job is;
+    the crash book makes the requests that were in the dead engine run one at a time.
+    """
     assert job.model is not None and job.endpoint is not None
     spec = config.model_spec(job.model)
-    try:
-        client, times.load_seconds = engines.client_for(spec)
-    except EngineLoadError as error:
-        raise JobError("model_load_failed", str(error)) from None
-    times.engine = {
-        "hardware": client.info.hardware,
-        "engine_version": client.info.engine_version,
-        "settings": {**client.info.settings, "max_in_flight": config.max_in_flight},
-    }
-    mark_in_progress(job)
     options = RunOptions(
         endpoint=job.endpoint,
         model=job.model,
@@ -164,8 +173,8 @@ def run_engine(
         defaults=job.defaults,
         max_in_flight=config.max_in_flight,
     )
+    crashes = CrashBook.load(job.work / CRASHES)
     started = time.monotonic()
-    journal = Journal(job.out)
 
     def progress(update: Progress) -> None:
         _apply_progress(job, update, started)
@@ -174,18 +183,39 @@ def run_engine(
     def should_end() -> bool:
         return hooks.cancel_requested() or hooks.stop_requested()
 
-    try:
-        result = run_lines(
-            job.out / INPUT, journal, client, options, job.total, progress, should_end
+    for attempt in range(ENGINE_RESTARTS + 1):
+        client, load_seconds = _engine_for(engines, spec)
+        times.load_seconds += load_seconds
+        times.engine = {
+            "hardware": client.info.hardware,
+            "engine_version": client.info.engine_version,
+            "settings": {**client.info.settings, "max_in_flight": config.max_in_flight},
+        }
+        if attempt == 0:
+            mark_in_progress(job)
+            started = time.monotonic()
+        run_started = time.monotonic()
+        journal = Journal(job.out)
+        try:
+            result = run_lines(
+                job.out / INPUT, journal, client, options, job.total, progress, should_end, crashes
+            )
+            times.samples = result.tally.samples
+            break
+        except EngineDied as error:
+            crashes.record(error.in_engine)
+            log.warning(
+                "engine_died", job=job.id, reason=str(error), in_engine=len(error.in_engine)
+            )
+        except FileRejected as error:
+            raise JobError(error.code, f"the input changed while it ran: {error.message}") from None
+        finally:
+            times.run_seconds += time.monotonic() - run_started
+            journal.close()
+    else:
+        raise JobError(
+            "engine_died", f"the engine process died {ENGINE_RESTARTS + 1} times during this job"
         )
-        times.samples = result.tally.samples
-    except EngineDied as error:
-        raise JobError("engine_died", str(error)) from None
-    except FileRejected as error:
-        raise JobError(error.code, f"the input changed while it ran: {error.message}") from None
-    finally:
-        times.run_seconds = time.monotonic() - started
-        journal.close()
     if hooks.cancel_requested():
         return JobStatus.CANCELLED
     if hooks.stop_requested():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import shutil
 import signal
@@ -60,6 +61,7 @@ def new_spool_job(
 def _prepare_run_job(config: Config, path: Path, model: str | None) -> tuple[Job, str | None]:
     """A spool job holding a copy of the file (and its ticket): `run` leaves the file be."""
     job = new_spool_job(config, path.stem)
+    job.origin = str(path.resolve())
     shutil.copyfile(path, job.out / INPUT)
     ticket_model = model
     ticket_path = find_ticket(path.parent, path.stem)
@@ -109,6 +111,19 @@ class _ProgressBar:
             self.bar.close()
 
 
+def _unfinished_run(config: Config, path: Path) -> Job | None:
+    """A `run` of this very file that was stopped part way, to resume rather than redo."""
+    for job in spool_jobs(config):
+        if (
+            job.sidecar_dir is None
+            and job.origin == str(path.resolve())
+            and job.status is JobStatus.IN_PROGRESS
+            and filecmp.cmp(path, job.out / INPUT, shallow=False)
+        ):
+            return job
+    return None
+
+
 def run_file(args: argparse.Namespace, config: Config) -> int:
     configure_logging(sys.stderr)
     path = _input_file(args.file)
@@ -116,8 +131,36 @@ def run_file(args: argparse.Namespace, config: Config) -> int:
         raise UsageError(f"model {args.model!r} is not configured ({', '.join(config.models)})")
     outbox = Path(args.output).resolve() if args.output else config.folder("outbox")
     outbox.mkdir(parents=True, exist_ok=True)
-    job, ticket_model = _prepare_run_job(config, path, args.model)
+    job = _unfinished_run(config, path)
+    if job is not None:
+        log.info("job_resumed", job=job.id, done=job.completed + job.failed, total=job.total)
+    else:
+        job = _validated_run_job(config, path, args.model, outbox)
+    stop = threading.Event()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, lambda *_: stop.set())
+    bar = _ProgressBar(job.total)
+    hooks = RunHooks(on_progress=bar.update, stop_requested=stop.is_set)
     pool = EnginePool()
+    try:
+        target = execute_job(job, config, pool, outbox, hooks)
+    finally:
+        bar.close()
+        pool.close()
+    if target is None:
+        raise CommandFailed(
+            f"stopped with {job.completed + job.failed} of {job.total} requests done; "
+            "run the same file again to resume"
+        )
+    log.info("job_finished", **job.summary())
+    print(target)
+    if job.status is not JobStatus.COMPLETED:
+        raise CommandFailed(f"the job {job.status.value}: {job.errors[0]['message']}")
+    return EXIT_OK
+
+
+def _validated_run_job(config: Config, path: Path, model: str | None, outbox: Path) -> Job:
+    job, ticket_model = _prepare_run_job(config, path, model)
     if not job.errors:
         try:
             validate_job(job, config, ticket_model)
@@ -127,22 +170,7 @@ def run_file(args: argparse.Namespace, config: Config) -> int:
         target = finish_job(job, config, outbox, JobStatus.FAILED)
         raise CommandFailed(f"{job.errors[0]['message']} (details in {target})")
     job.estimate = estimate_job(job, config.folder("state")).as_dict()
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    bar = _ProgressBar(job.total)
-    hooks = RunHooks(on_progress=bar.update, stop_requested=stop.is_set)
-    try:
-        target = execute_job(job, config, pool, outbox, hooks)
-    finally:
-        bar.close()
-        pool.close()
-    if target is None:
-        raise CommandFailed(f"stopped; what is done is kept in {job.work}")
-    log.info("job_finished", **job.summary())
-    print(target)
-    if job.status is not JobStatus.COMPLETED:
-        raise CommandFailed(f"the job {job.status.value}: {job.errors[0]['message']}")
-    return EXIT_OK
+    return job
 
 
 def check(args: argparse.Namespace, config: Config) -> int:

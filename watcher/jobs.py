@@ -80,6 +80,7 @@ class Job:
     max_tokens: list[list[int | None]] = field(default_factory=list)  # [value, requests] pairs
     estimate: dict[str, Any] | None = None  # the estimate written before the run
     has_ticket: bool = False
+    origin: str | None = None  # the file `batchbox run` was given, to resume a stopped run
 
     @property
     def out(self) -> Path:

@@ -135,19 +135,41 @@ def prepare_model(name: str, models_dir: Path) -> tuple[Path, bool]:
             f"{final} exists but is not a complete conversion; remove it and run again"
         )
     models_dir.mkdir(parents=True, exist_ok=True)
-    for stale in models_dir.glob(f".{name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_abandoned(models_dir, name)
     scratch = models_dir / f".{name}.tmp-{os.getpid()}"
     try:
         WRITERS[name](scratch)
         (scratch / MARKER).write_text(f"prepared by runner.convert at {time.ctime()}\n")
-        os.rename(scratch, final)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
-        if is_prepared(final):  # another run finished it first
+        raise
+    try:
+        os.rename(scratch, final)
+    except OSError:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if is_prepared(final):  # a concurrent run finished first
             return final, False
         raise
     return final, True
+
+
+def _remove_abandoned(models_dir: Path, name: str) -> None:
+    """Remove scratch folders left by runs that died; a live run's folder stays."""
+    for scratch in models_dir.glob(f".{name}.tmp-*"):
+        pid = scratch.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _process_alive(int(pid)):
+            continue
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def prepare_models(models_dir: Path) -> dict[str, Path]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +39,9 @@ class _Gathering:
     """The embeddings of one request, filled in as its inputs finish."""
 
     vectors: list[list[float] | None]
-    prompt_tokens: int = 0
+    prompt_tokens: int
+    pending: int
     errors: list[str] = field(default_factory=list)
-
-    @property
-    def complete(self) -> bool:
-        return all(vector is not None for vector in self.vectors) or bool(self.errors)
 
 
 class VllmEngine:
@@ -51,7 +49,7 @@ class VllmEngine:
 
     def __init__(self, spec: ModelSpec) -> None:
         started = time.monotonic()
-        os.environ.update(spec.environment)  # vLLM reads its settings at import
+        os.environ.update(spec.environment)  # before vLLM is imported: some are read then
         self.spec = spec
         self._llm = _load_llm(spec)
         self._engine = self._llm.llm_engine
@@ -75,8 +73,6 @@ class VllmEngine:
             load_seconds=round(time.monotonic() - started, 3),
             settings=engine_settings(config),
         )
-
-    # Adding requests
 
     def add(self, request: EngineRequest) -> None:
         if request.key in self._running:
@@ -124,7 +120,8 @@ class VllmEngine:
             )
         except Exception as error:  # noqa: BLE001 - templates raise anything (jinja, ValueError)
             raise RequestRejected(
-                "invalid_request", f"the chat template could not render the messages: {error}"
+                "invalid_request",
+                f"the chat template could not render the messages: {_sentence(error)}",
             ) from error
         # The template writes its own special tokens (BOS and the like).
         return list(self._tokenizer.encode(text, add_special_tokens=False))
@@ -141,7 +138,9 @@ class VllmEngine:
         from vllm.exceptions import VLLMError
         from vllm.sampling_params import RequestOutputKind
 
-        options = dict(request.sampling)
+        # Like the fake engine, an absent max_tokens means "up to the context length",
+        # not SamplingParams' default of 16.
+        options = {"max_tokens": None, **request.sampling}
         options["output_kind"] = RequestOutputKind.FINAL_ONLY
         structured = self._structured_outputs(request.response_format)
         if structured is not None:
@@ -210,7 +209,9 @@ class VllmEngine:
         ]
         self._submit(request.key, parts)
         self._gatherings[request.key] = _Gathering(
-            vectors=[None] * len(parts), prompt_tokens=sum(len(ids) for ids in token_lists)
+            vectors=[None] * len(parts),
+            prompt_tokens=sum(len(ids) for ids in token_lists),
+            pending=len(parts),
         )
         for index, (request_id, _, _) in enumerate(parts):
             self._sub_requests[request_id] = (request.key, index)
@@ -231,8 +232,6 @@ class VllmEngine:
                 f"but the input has {len(ids)} tokens.",
             )
         return ids
-
-    # Running
 
     def step(self) -> list[EngineOutput]:
         finished = []
@@ -311,11 +310,12 @@ class VllmEngine:
         gathering = self._gatherings.get(key)
         if gathering is None:
             return None  # aborted meanwhile
+        gathering.pending -= 1
         if getattr(output, "error", None) is not None:
             gathering.errors.append(output.error.message)
         else:
             gathering.vectors[index] = [float(x) for x in output.outputs.data.tolist()]
-        if not gathering.complete:
+        if gathering.pending:
             return None
         self._forget(key)
         if gathering.errors:
@@ -335,6 +335,17 @@ class VllmEngine:
         for request_id in request_ids:
             self._sub_requests.pop(request_id, None)
         return request_ids
+
+    def counters(self) -> tuple[int, int]:
+        """Prompt and generated tokens vLLM has processed, from its own metrics, so that
+        requests still running count too."""
+        totals = {"vllm:prompt_tokens": 0, "vllm:generation_tokens": 0}
+        if not self._engine.log_stats:
+            return 0, 0
+        for metric in self._llm.get_metrics():
+            if metric.name in totals:
+                totals[metric.name] += int(getattr(metric, "value", 0))
+        return totals["vllm:prompt_tokens"], totals["vllm:generation_tokens"]
 
     def has_unfinished(self) -> bool:
         return bool(self._running) or self._engine.has_unfinished_requests()
@@ -366,6 +377,8 @@ def _load_llm(spec: ModelSpec) -> Any:
         "runner": spec.runner,
         "trust_remote_code": False,
         "load_format": "safetensors",
+        # The token counters feed the running estimate (see counters()).
+        "disable_log_stats": False,
         **spec.engine,
     }
     try:
@@ -410,9 +423,20 @@ def _is_token_list(value: Any) -> bool:
 
 
 def _sentence(error: BaseException) -> str:
-    """The first line of an error, without a trailing period."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text.rstrip(".")
+    """The first sentence of an error (of its first item, for pydantic's), without a period."""
+    text = str(error)
+    items = getattr(error, "errors", None)
+    if callable(items):
+        try:
+            text = str(items()[0]["msg"]).removeprefix("Value error, ")
+        except (IndexError, KeyError, TypeError):
+            pass
+    lines = text.strip().splitlines()
+    first = _SENTENCE_END.split(lines[0], maxsplit=1)[0] if lines else type(error).__name__
+    return first.rstrip(".")
+
+
+_SENTENCE_END = re.compile(r"(?<=[\w)\]'\"`])\.\s+(?=[A-Z])")
 
 
 def _plain(value: Any) -> Any:

@@ -139,8 +139,10 @@ class EngineProcess:
     def __init__(self, spec: ModelSpec, load_timeout: float = 1800.0) -> None:
         context = multiprocessing.get_context("spawn")
         self.connection, child_end = context.Pipe()
+        # Not a daemon: vLLM starts processes of its own, which a daemon may not. The child
+        # still ends with this process: it reads end-of-file on the pipe and exits.
         self.process = context.Process(
-            target=_child_main, args=(spec, child_end), name=f"engine-{spec.alias}", daemon=True
+            target=_child_main, args=(spec, child_end), name=f"engine-{spec.alias}"
         )
         started = time.monotonic()
         self.process.start()

@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def entry() -> None:
-    sys.exit(main())
-
-
 if __name__ == "__main__":
-    entry()
+    # Run the imported module, not this `__main__` copy, so that the exception classes the
+    # commands raise are the ones main() catches.
+    from watcher.cli import main as imported_main
+
+    sys.exit(imported_main())

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from runner.convert import prepare_models
 from helpers import (
     assert_every_line_once,
     chat_line,
@@ -28,6 +26,8 @@ from helpers import (
     read_jsonl,
     write_jsonl,
 )
+
+from runner.convert import prepare_models
 
 pytestmark = [
     pytest.mark.vllm,
@@ -111,16 +111,26 @@ def test_a_chat_file_with_bad_lines_gets_real_answers_for_the_good_ones(
             chat_line("unknown", "Hi", temperatur=0.5),
             chat_line("too-long", long_prompt, max_tokens=16),
             chat_line("two", "Say hello.", max_tokens=16, n=2, seed=1, temperature=0.7),
-            chat_line("json", "Give a JSON object with a key name.", max_tokens=60,
-                      response_format={"type": "json_schema", "json_schema": {
-                          "name": "person", "schema": NAME_SCHEMA}}),
+            chat_line(
+                "json",
+                "Give a JSON object with a key name.",
+                max_tokens=60,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "person", "schema": NAME_SCHEMA},
+                },
+            ),
         ],
     )
     result = run(config, "run", str(source))
     assert result.returncode == 0, result.stderr
     folder = Path(result.stdout.strip().splitlines()[-1])
     assert sorted(p.name for p in folder.iterdir()) == [
-        "benchmark.json", "errors.jsonl", "input.jsonl", "results.jsonl", "status.json",
+        "benchmark.json",
+        "errors.jsonl",
+        "input.jsonl",
+        "results.jsonl",
+        "status.json",
     ]
     assert (folder / "input.jsonl").read_bytes() == source.read_bytes()
     assert_every_line_once(source, folder)
@@ -168,8 +178,9 @@ def test_a_completions_file_continues_the_prompts(tmp_path: Path, config: Path) 
     assert_every_line_once(source, folder)
     answers = {r["custom_id"]: r["response"]["body"] for r in read_jsonl(folder / "results.jsonl")}
     assert "paris" in answers["c1"]["choices"][0]["text"].lower()
-    assert "four" in answers["c2"]["choices"][0]["text"].lower() or "4" in (
-        answers["c2"]["choices"][0]["text"]
+    assert (
+        "four" in answers["c2"]["choices"][0]["text"].lower()
+        or "4" in (answers["c2"]["choices"][0]["text"])
     )
     logprobs = answers["c2"]["choices"][0]["logprobs"]
     assert len(logprobs["tokens"]) == answers["c2"]["usage"]["completion_tokens"]
@@ -221,15 +232,21 @@ def test_the_service_runs_chat_and_embeddings_from_their_subfolders(
     try:
         inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
         wait_for(lambda: (inbox / "minilm").is_dir(), 60, "the model subfolders")
-        write_jsonl(inbox / "smollm2-135m" / "first.jsonl", [
-            chat_line("a", "Name three colors.", max_tokens=24, temperature=0),
-        ])
+        write_jsonl(
+            inbox / "smollm2-135m" / "first.jsonl",
+            [
+                chat_line("a", "Name three colors.", max_tokens=24, temperature=0),
+            ],
+        )
         wait_for(lambda: (inbox / "smollm2-135m" / "first.status").exists(), 30, "the claim")
         write_jsonl(inbox / "minilm" / "vectors.jsonl", [embedding_line("v", "hello world")])
         time.sleep(3)  # the embeddings job is queued behind the chat job
-        write_jsonl(inbox / "smollm2-135m" / "second.jsonl", [
-            chat_line("b", "What is 2 + 2?", max_tokens=16, temperature=0),
-        ])
+        write_jsonl(
+            inbox / "smollm2-135m" / "second.jsonl",
+            [
+                chat_line("b", "What is 2 + 2?", max_tokens=16, temperature=0),
+            ],
+        )
         for name in ("smollm2-135m/first", "minilm/vectors", "smollm2-135m/second"):
             wait_for(lambda name=name: (outbox / name / "status.json").exists(), 400, name)
         for name in ("smollm2-135m/first", "minilm/vectors", "smollm2-135m/second"):
@@ -246,8 +263,11 @@ def test_the_service_runs_chat_and_embeddings_from_their_subfolders(
         service.send_signal(signal.SIGTERM)
         service.wait(timeout=90)
         log.close()
-    events = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines()
-              if line.startswith("{")]
+    events = [
+        json.loads(line)
+        for line in (tmp_path / "serve.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
     loads = [event["model"] for event in events if event.get("event") == "engine_loading"]
     assert loads == ["smollm2-135m", "minilm", "smollm2-135m"]
     assert service.returncode == 0

@@ -26,6 +26,7 @@ from runner.lines import FileRejected
 from runner.run import Progress, RunOptions, fail_remaining, run_lines, scan_file
 from watcher.config import Config
 from watcher.jobs import (
+    JOB_RECORD,
     Job,
     JobStatus,
     fail_job,
@@ -203,6 +204,8 @@ def run_engine(
             times.samples = result.tally.samples
             break
         except EngineDied as error:
+            if hooks.stop_requested():
+                return None  # the stop ended the engine; the job resumes at the next start
             crashes.record(error.in_engine)
             log.warning(
                 "engine_died", job=job.id, reason=str(error), in_engine=len(error.in_engine)
@@ -244,6 +247,7 @@ def finish_job(
 ) -> Path:
     """Write what is missing, record the benchmark, and deliver the folder in one rename."""
     times = times or RunTimes()
+    job.final = final.value  # so that a restart during finalizing knows how it ends
     if final is JobStatus.CANCELLED:
         mark_cancelling(job)
     mark_finalizing(job)
@@ -263,7 +267,9 @@ def finish_job(
     job.status, job.completed_at, job.eta = final, now(), None
     write_json_atomic(job.out / "status.json", job.status_document())
     write_json_atomic(job.out / "benchmark.json", record)
-    write_status(job)  # the spool now says where it goes, so a restart delivers it once
+    # The spool now says where it goes, so a restart delivers it once; the sidecar in the
+    # inbox says "completed" only once the outbox folder is there.
+    write_json_atomic(job.work / JOB_RECORD, job.to_record())
     append_history(config.folder("state"), record)
     deliver_folder(job.out, target)
     mark_finished(job, final)

@@ -81,6 +81,7 @@ class Job:
     estimate: dict[str, Any] | None = None  # the estimate written before the run
     has_ticket: bool = False
     origin: str | None = None  # the file `batchbox run` was given, to resume a stopped run
+    final: str | None = None  # how the job ends, set when finalizing starts
 
     @property
     def out(self) -> Path:
@@ -230,7 +231,7 @@ def mark_finished(job: Job, status: JobStatus) -> None:
     job.queue_position = None
     job.completed_at = now()
     job.eta = None
-    write_status(job)
     eta = sidecar(job, ".eta")
     if eta is not None:
-        eta.unlink(missing_ok=True)
+        eta.unlink(missing_ok=True)  # first, so a reader never sees it beside a final status
+    write_status(job)

@@ -22,15 +22,15 @@ from pathlib import Path
 
 import orjson
 import structlog
-from watcher.claim import ClaimLost, claim_and_validate
-from watcher.settle import Settler
 
 from benchmarks.estimator import load_seconds_for, remaining_seconds
 from benchmarks.record import read_history
 from runner.durable import write_json_atomic
+from watcher.claim import ClaimError, ClaimLost, claim_and_validate
 from watcher.config import Config
 from watcher.engines import EnginePool
 from watcher.execute import (
+    INPUT,
     JobError,
     RunHooks,
     estimate_job,
@@ -39,7 +39,7 @@ from watcher.execute import (
     validate_job,
 )
 from watcher.inbox import Candidate, classify, scan_inbox, start_observer
-from watcher.jobqueue import JobQueue, plan_queue
+from watcher.jobqueue import JobQueue, Planned, plan_queue
 from watcher.jobs import (
     JOB_RECORD,
     Job,
@@ -47,6 +47,7 @@ from watcher.jobs import (
     fail_job,
     iso,
     load_job,
+    mark_finished,
     mark_queued,
     now,
     write_eta,
@@ -54,12 +55,24 @@ from watcher.jobs import (
 )
 from watcher.machine import one_filesystem_problem
 from watcher.notify import notify, watchdog_interval
+from watcher.settle import CHANGE_HINTS, Settler
 from watcher.tickets import TicketError, find_ticket, load_ticket
 
 log = structlog.get_logger()
 
 STATUS_SECONDS = 5.0  # sidecars of a running job are rewritten at least this often
+# The sidecars of queued jobs are brought up to date QUEUE_MIN_SECONDS after a change of the
+# queue and at least every QUEUE_SECONDS. Each write is an fsync, so a job's sidecars are
+# rewritten only when what they show has changed (or to refresh a stale `.eta`), front of the
+# queue first; a long queue is done over several turns of the loop (SLICE_SECONDS each), and
+# the next pass waits UPKEEP_RATIO times as long as the last one took, so that keeping a long
+# queue's sidecars current never takes more than a fifth of the loop's time.
+QUEUE_MIN_SECONDS = 1.0
 QUEUE_SECONDS = 5.0
+UPKEEP_RATIO = 4.0
+ETA_REFRESH_SECONDS = 60.0
+ETA_SLACK_SECONDS = 5.0  # an expected finish that moved less than this is not rewritten
+SLICE_SECONDS = 0.5  # claiming a burst and rewriting a long queue yield to the loop this often
 SWEEP_SECONDS = 60.0
 
 
@@ -73,6 +86,7 @@ class Running:
     thread: threading.Thread
     cancel: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.monotonic)
+    load_seconds: float = 0.0  # the expected model load before it runs, 0 when loaded
     run_started: float | None = None
     done: float = 0.0  # the fraction of the job's work done
     last_status: float = 0.0
@@ -89,6 +103,13 @@ class Service:
         self.events: queue.Queue[Candidate] = queue.Queue()
         self.settler = Settler(config.settle_seconds)
         self.queue = JobQueue()
+        self.queue_changed = False
+        self.queue_pass_unfinished = False
+        self.queue_pass_seconds = 0.0  # time spent on the current or last pass
+        self.eta_written: dict[str, float] = {}  # job id -> when its queued `.eta` was written
+        # Complete files waiting to be claimed, in the order they settled (an ordered set).
+        self.ready: dict[Path, None] = {}
+        self.low_disk = False
         self.running: Running | None = None
         self.stopping = threading.Event()
         self.observer = None
@@ -96,8 +117,6 @@ class Service:
         self.last_queue_update = 0.0
         self.last_sweep = 0.0
         self.last_watchdog = 0.0
-        self.refused: set[tuple[Path, str]] = set()
-        self.history_cache: list[dict] | None = None
 
     # -- start and stop ---------------------------------------------------------------
 
@@ -123,10 +142,13 @@ class Service:
     def shutdown(self) -> None:
         """Stop the running job where it is (it resumes at the next start) and the engine."""
         notify("STOPPING=1")
+        self.stopping.set()
         if self.running is not None:
             self.running.thread.join(self.config.stop_timeout_seconds * 0.6)
+            self.reap()
         if self.observer is not None:
             self.observer.stop()
+            self.observer.join(2)
         self.pool.close(timeout=self.config.stop_timeout_seconds * 0.3)
         log.info("service_stopped")
 
@@ -152,11 +174,12 @@ class Service:
         self.take_events()
         if time.monotonic() - self.last_rescan >= self.config.rescan_seconds:
             self.rescan()
-        self.settle_and_claim()
+        self.settle()
+        self.claim_ready()
         self.reap()
         if self.running is None and not self.stopping.is_set():
             self.start_next()
-        if time.monotonic() - self.last_queue_update >= QUEUE_SECONDS:
+        if self.queue_update_due():
             self.update_queue()
         if self.running is None and len(self.queue) == 0:
             self.pool.unload_if_idle(self.config.idle_unload_seconds)
@@ -175,6 +198,10 @@ class Service:
     def note(self, candidate: Candidate) -> None:
         kind = classify(candidate.path.name)
         if kind == "job":
+            if candidate.path in self.ready:
+                if candidate.hint not in CHANGE_HINTS:
+                    return  # settled already and waiting its turn to be claimed
+                del self.ready[candidate.path]  # written to again: it must settle anew
             self.settler.note(candidate.path, candidate.hint)
         elif kind == "cancel":
             self.cancel(candidate.path)
@@ -186,52 +213,78 @@ class Service:
 
     # -- settling and claiming ----------------------------------------------------------
 
-    def settle_and_claim(self) -> None:
+    def settle(self) -> None:
         result = self.settler.settle()
         for path, reason in result.refused:
             self.refuse(path, reason)
-        for path in result.complete:
-            if self.stopping.is_set():
+        self.ready.update(dict.fromkeys(result.complete))
+
+    def claim_ready(self) -> None:
+        """Claim complete files in the order they settled, for a slice of time at most: a
+        burst of hundreds of drops must not hold up the start of the first job, cancels and
+        the watchdog."""
+        started = time.monotonic()
+        while self.ready and not self.stopping.is_set():
+            if time.monotonic() - started >= SLICE_SECONDS or not self.disk_space_left():
                 return
-            if shutil.disk_usage(self.state).free < self.config.min_free_bytes:
-                log.warning("low_disk_space", path=str(path), free_floor=self.config.min_free_bytes)
-                self.settler.note(path, "retry")
-                continue
+            path = next(iter(self.ready))
+            del self.ready[path]
             self.claim(path)
+
+    def disk_space_left(self) -> bool:
+        low = shutil.disk_usage(self.state).free < self.config.min_free_bytes
+        if low != self.low_disk:
+            self.low_disk = low
+            if low:
+                log.warning("low_disk_space", waiting=len(self.ready))
+            else:
+                log.info("disk_space_back", waiting=len(self.ready))
+        return not low
 
     def claim(self, path: Path) -> None:
         try:
             job = claim_and_validate(path, self.config, time.time_ns())
         except ClaimLost:
             return
+        except (ClaimError, OSError) as error:
+            self.refuse(path, f"{path.name} could not be taken: {error}", "claim_failed")
+            return
         log.info("job_claimed", job=job.id, input=job.input_name, model=job.model)
         if job.errors:
             self.deliver_failed(job)
             return
         self.enqueue(job)
+        cancel = path.with_name(f"{job.stem}.cancel")
+        if cancel.exists():
+            self.cancel(cancel)  # dropped while the file was still settling
 
     def enqueue(self, job: Job) -> None:
+        """Queue a validated job: its `.eta` and `.status` say where it stands at once; the
+        jobs it overtook learn their new places at the next queue update."""
         job.estimate = estimate_job(job, self.state).as_dict()
         self.queue.push(job)
+        self.queue_changed = True
+        for position, queued, plan in self.planned():
+            if queued is job:
+                job.queue_position = position
+                self.show_eta(job, plan)
         mark_queued(job)
-        self.update_queue()
 
-    def refuse(self, path: Path, reason: str) -> None:
-        """A name that looks like a job but is not a regular file: say why beside it."""
-        key = (path, reason)
-        if key in self.refused:
-            return
-        self.refused.add(key)
+    def refuse(self, path: Path, reason: str, code: str = "not_a_regular_file") -> None:
+        """A name that looks like a job but cannot be taken: say why beside it."""
         log.warning("file_refused", path=str(path), reason=reason)
         status = path.with_name(f"{path.stem}.status")
         document = {
             "id": None,
             "input": str(path.relative_to(self.inbox)),
             "status": "failed",
-            "errors": [{"code": "not_a_regular_file", "message": reason}],
+            "errors": [{"code": code, "message": reason}],
             "updated_at": iso(now()),
         }
-        write_json_atomic(status, document)
+        try:
+            write_json_atomic(status, document)
+        except OSError as error:  # its folder went away meanwhile: the log says it all
+            log.warning("status_not_written", path=str(status), error=str(error))
 
     def deliver_failed(self, job: Job) -> None:
         finish_job(job, self.config, self.outbox, JobStatus.FAILED)
@@ -243,7 +296,11 @@ class Service:
         job = self.queue.pop()
         if job is None:
             return
+        self.queue_changed = True
+        self.eta_written.pop(job.id, None)
         running = Running(job=job, thread=threading.Thread(target=lambda: None))
+        if self.pool.model != job.model:
+            running.load_seconds = load_seconds_for(job.model or "", read_history(self.state))
         hooks = RunHooks(
             on_progress=lambda job, progress: self.progress(running, progress),
             cancel_requested=running.cancel.is_set,
@@ -253,8 +310,9 @@ class Service:
         def work() -> None:
             try:
                 running.outcome = execute_job(job, self.config, self.pool, self.outbox, hooks)
-            except Exception:  # noqa: BLE001 - logged; the job stays in the spool for a restart
+            except Exception as error:  # noqa: BLE001 - a bug must not leave it in_progress
                 log.exception("job_crashed", job=job.id)
+                self.fail_crashed(job, error)
             finally:
                 self.events.put(Candidate(self.inbox, "job-finished"))
 
@@ -262,6 +320,19 @@ class Service:
         self.running = running
         log.info("job_started", job=job.id, input=job.input_name, model=job.model)
         running.thread.start()
+
+    def fail_crashed(self, job: Job, error: Exception) -> None:
+        """Deliver a job whose run raised something unforeseen as failed, with what it has.
+
+        When the service is stopping, the job stays in the spool and resumes at the next
+        start instead: the error may be the stop itself (an engine ended under it)."""
+        if self.stopping.is_set():
+            return
+        try:
+            fail_job(job, "internal_error", f"the run failed: {type(error).__name__}: {error}")
+            finish_job(job, self.config, self.outbox, JobStatus.FAILED)
+        except Exception:  # noqa: BLE001 - the spool keeps it for the next start
+            log.exception("job_not_delivered", job=job.id)
 
     def progress(self, running: Running, progress) -> None:
         job = running.job
@@ -275,8 +346,9 @@ class Service:
 
     def running_left(self, running: Running) -> float:
         estimated = float((running.job.estimate or {}).get("run_seconds", 0.0))
-        if running.run_started is None:
-            return estimated
+        if running.run_started is None:  # still loading its model, or about to start
+            loading = max(running.load_seconds - (time.monotonic() - running.started), 0.0)
+            return estimated + loading
         elapsed = time.monotonic() - running.run_started
         return remaining_seconds(estimated, elapsed, running.done)
 
@@ -315,10 +387,11 @@ class Service:
         job = self.queue.find(path.parent, stem)
         if job is not None:
             self.queue.remove(job)
+            self.queue_changed = True
+            self.eta_written.pop(job.id, None)
             finish_job(job, self.config, self.outbox, JobStatus.CANCELLED)
             log.info("job_finished", **job.summary())
             path.unlink(missing_ok=True)
-            self.update_queue()
             return
         if (path.parent / f"{stem}.jsonl").exists():
             return  # its file is still settling: the cancel applies once it is claimed
@@ -327,8 +400,8 @@ class Service:
 
     # -- sidecars of waiting jobs ----------------------------------------------------------
 
-    def update_queue(self) -> None:
-        self.last_queue_update = time.monotonic()
+    def planned(self) -> list[tuple[int, Job, Planned]]:
+        """Each queued job with its place (from 1) and when it is expected to start and end."""
         history = list(read_history(self.state))
         jobs = list(self.queue)
         running = self.running
@@ -340,21 +413,49 @@ class Service:
             loaded,
             self.running_left(running) if running else None,
         )
-        for position, job in enumerate(jobs, start=1):
-            plan = plans[job.id]
+        return [(position, job, plans[job.id]) for position, job in enumerate(jobs, start=1)]
+
+    def queue_update_due(self) -> bool:
+        if self.queue_pass_unfinished:
+            return True
+        since = time.monotonic() - self.last_queue_update
+        if since < UPKEEP_RATIO * self.queue_pass_seconds:
+            return False
+        return since >= QUEUE_SECONDS or (self.queue_changed and since >= QUEUE_MIN_SECONDS)
+
+    def update_queue(self) -> None:
+        """Rewrite the sidecars of the queued jobs whose place or expected finish changed,
+        for one slice of time; a pass left unfinished goes on at the next turn."""
+        started = time.monotonic()
+        if not self.queue_pass_unfinished:
+            self.queue_changed = False
+            self.queue_pass_seconds = 0.0
+        self.queue_pass_unfinished = False
+        for position, job, plan in self.planned():
+            if time.monotonic() - started >= SLICE_SECONDS:
+                self.queue_pass_unfinished = True
+                break
+            moved = job.queue_position != position
             job.queue_position = position
-            write_eta(job, plan.finish, queue_basis(job, plan))
-            write_status(job)
-        for candidate in self.pending_cancels():
-            self.cancel(candidate)
+            if self.show_eta(job, plan, force=moved) or moved:
+                write_status(job)
+        self.last_queue_update = time.monotonic()
+        self.queue_pass_seconds += self.last_queue_update - started
         self.status_line()
 
-    def pending_cancels(self) -> list[Path]:
-        return [
-            candidate.path
-            for candidate in scan_inbox(self.inbox)
-            if classify(candidate.path.name) == "cancel"
-        ]
+    def show_eta(self, job: Job, plan: Planned, force: bool = True) -> bool:
+        """Write a queued job's `.eta` when forced, when its expected finish moved, or when it
+        is due a refresh; whether it was written (its `.status` carries the same eta)."""
+        finish = now() + timedelta(seconds=round(plan.finish))
+        slack = max(ETA_SLACK_SECONDS, 0.02 * plan.finish)
+        moved = job.eta is None or abs((finish - job.eta).total_seconds()) >= slack
+        written = self.eta_written.get(job.id)
+        stale = written is None or time.monotonic() - written >= ETA_REFRESH_SECONDS
+        if not (force or moved or stale):
+            return False
+        write_eta(job, plan.finish, queue_basis(job, plan))
+        self.eta_written[job.id] = time.monotonic()
+        return True
 
     def status_line(self) -> None:
         running = self.running
@@ -380,7 +481,11 @@ class Service:
         """Remove final `.status` sidecars older than keep_status_hours."""
         self.last_sweep = time.monotonic()
         cutoff = now() - timedelta(hours=self.config.keep_status_hours)
-        for folder in [self.inbox, *[p for p in self.inbox.iterdir() if p.is_dir()]]:
+        # Symlinked folders are not followed: the sweep deletes files only inside the inbox.
+        subfolders = [
+            path for path in self.inbox.iterdir() if path.is_dir() and not path.is_symlink()
+        ]
+        for folder in [self.inbox, *subfolders]:
             for path in folder.glob("*.status"):
                 if is_expired(path, cutoff):
                     path.unlink(missing_ok=True)
@@ -399,17 +504,22 @@ class Service:
     def recover_job(self, job: Job) -> None:
         log.info("job_recovered", job=job.id, status=job.status.value)
         if job.status.finished or job.status is JobStatus.FINALIZING:
+            final = JobStatus(job.final) if job.final else JobStatus.FAILED
             if not job.out.exists() and job.outbox:
-                job.status = job.status if job.status.finished else JobStatus.COMPLETED
-                shutil.rmtree(job.work, ignore_errors=True)  # delivered before the stop
+                # Delivered before the stop, perhaps before its sidecars were final.
+                mark_finished(job, final)
+                shutil.rmtree(job.work, ignore_errors=True)
                 return
-            final = job.status if job.status.finished else JobStatus.FAILED
             finish_job(job, self.config, self.outbox, final)
             return
         if job.status is JobStatus.CANCELLING:
             finish_job(job, self.config, self.outbox, JobStatus.CANCELLED)
             return
         if job.status is JobStatus.VALIDATING:
+            if not (job.out / INPUT).exists():
+                # Recorded, then stopped before the rename: the file is still in the inbox.
+                shutil.rmtree(job.work, ignore_errors=True)
+                return
             revalidate(job, self.config)
             if job.errors:
                 self.deliver_failed(job)

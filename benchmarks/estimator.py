@@ -266,16 +266,8 @@ def refine(
     if overrun:
         left_completion = completion_done / max(requests_done, 1) * requests_left
     left = speed * model_seconds(coefficients, max(left_completion, 0.0), left_prompt, concurrency)
-    return Refined(left, overrun)
-
-
-def remaining_seconds(estimated_run: float, elapsed: float, fraction_done: float) -> float:
-    """A fallback from the share of requests done, when the engine reports no token counts."""
-    if fraction_done <= 0:
-        return max(estimated_run - elapsed, 0.0)
-    projected = elapsed / fraction_done
-    blended = fraction_done * projected + (1 - fraction_done) * max(estimated_run, elapsed)
-    return max(blended - elapsed, 0.0)
+    # Requests are left, so the end is never now or in the past.
+    return Refined(max(left, 1.0), overrun)
 
 
 def load_seconds_for(model: str, history: Iterable[dict[str, Any]]) -> float:

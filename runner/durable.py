@@ -23,7 +23,8 @@ def fsync_dir(folder: Path) -> None:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a reader sees the old file or the new, never a mix."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    # A short name of its own: `path`'s name may already be as long as names can be.
+    temporary = path.with_name(f".batchbox-{uuid.uuid4().hex[:12]}.tmp")
     try:
         with open(temporary, "wb") as handle:
             handle.write(data)

@@ -23,9 +23,10 @@ from pathlib import Path
 import orjson
 import structlog
 
-from benchmarks.estimator import load_seconds_for, remaining_seconds
+from benchmarks.estimator import Refined, load_seconds_for, refine
 from benchmarks.record import read_history
 from runner.durable import write_json_atomic
+from runner.run import Progress
 from watcher.claim import ClaimError, ClaimLost, claim_and_validate
 from watcher.config import Config
 from watcher.engines import EnginePool
@@ -88,9 +89,12 @@ class Running:
     started: float = field(default_factory=time.monotonic)
     load_seconds: float = 0.0  # the expected model load before it runs, 0 when loaded
     run_started: float | None = None
-    done: float = 0.0  # the fraction of the job's work done
+    done: float = 0.0  # the fraction of the job's requests done
     last_status: float = 0.0
     outcome: Path | None = None
+    latest: Progress | None = None
+    # tokens of requests finished before a restart, which this run's engine did not count
+    earlier_tokens: tuple[int, int] | None = None
 
 
 class Service:
@@ -334,29 +338,59 @@ class Service:
         except Exception:  # noqa: BLE001 - the spool keeps it for the next start
             log.exception("job_not_delivered", job=job.id)
 
-    def progress(self, running: Running, progress) -> None:
+    def progress(self, running: Running, progress: Progress) -> None:
         job = running.job
         if running.run_started is None:
             running.run_started = time.monotonic()
+        if running.earlier_tokens is None:
+            running.earlier_tokens = (
+                progress.tally.prompt_tokens,
+                progress.tally.completion_tokens,
+            )
+        running.latest = progress
         running.done = (job.completed + job.failed) / job.total if job.total else 1.0
         if time.monotonic() - running.last_status >= STATUS_SECONDS:
             running.last_status = time.monotonic()
             self.write_running_eta(running)
             write_status(job)
 
+    def refined(self, running: Running) -> Refined | None:
+        """The running job's time left, from the tokens its engine has processed."""
+        progress = running.latest
+        if running.run_started is None or progress is None or running.job.estimate is None:
+            return None
+        earlier_prompt, earlier_completion = running.earlier_tokens or (0, 0)
+        return refine(
+            running.job.estimate,
+            time.monotonic() - running.run_started,
+            earlier_prompt + progress.engine_prompt_tokens,
+            earlier_completion + progress.engine_completion_tokens,
+            running.job.completed + running.job.failed,
+            running.job.total,
+        )
+
     def running_left(self, running: Running) -> float:
         estimated = float((running.job.estimate or {}).get("run_seconds", 0.0))
         if running.run_started is None:  # still loading its model, or about to start
             loading = max(running.load_seconds - (time.monotonic() - running.started), 0.0)
             return estimated + loading
-        elapsed = time.monotonic() - running.run_started
-        return remaining_seconds(estimated, elapsed, running.done)
+        refined = self.refined(running)
+        if refined is None:
+            return max(estimated - (time.monotonic() - running.run_started), 1.0)
+        return refined.seconds_left
 
     def write_running_eta(self, running: Running) -> None:
         left = self.running_left(running)
+        refined = self.refined(running)
         basis = (running.job.estimate or {}).get("basis", "no estimate")
-        done = round(100 * running.done)
-        write_eta(running.job, left, f"{basis}; running, {done}% of requests done")
+        basis += f"; running, {round(100 * running.done)}% of requests done"
+        if refined is not None:
+            basis += ", refined from the tokens processed so far"
+            if refined.overrun:
+                basis += (
+                    "; the job runs longer than estimated, so the rest is expected at its own pace"
+                )
+        write_eta(running.job, left, basis)
 
     def reap(self) -> None:
         running = self.running

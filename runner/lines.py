@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-from pydantic import BaseModel, ValidationError
+import msgspec
 
-from runner.bodies import BODY_MODELS, ChatBody, CompletionBody, EmbeddingBody
-from runner.types import CHAT, COMPLETIONS, ENDPOINTS, EngineRequest
+from runner.bodies import BODY_TYPES, DECODERS, ChatBody, CompletionBody, EmbeddingBody
+from runner.types import ENDPOINTS, EngineRequest
 
 BLOCK_BYTES = 1 << 20
 
@@ -100,18 +99,28 @@ def read_raw_lines(path: Path, max_line_bytes: int) -> Iterator[RawLine]:
             yield RawLine(number, bytes(pending), len(pending))
 
 
-def decode_line(raw: RawLine) -> str:
-    """UTF-8 text of a line; a file that is not UTF-8 fails as a whole."""
+def decode_line(raw: RawLine) -> bytes:
+    """The line's bytes, checked to be UTF-8 text; a file that is not UTF-8 fails as a whole."""
     assert raw.data is not None
     data = raw.data[3:] if raw.number == 1 and raw.data.startswith(b"\xef\xbb\xbf") else raw.data
     try:
-        return data.decode("utf-8")
+        data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise FileRejected(
             "invalid_encoding",
             f"the file is not UTF-8 text (line {raw.number}, byte {error.start + 1})",
             raw.number,
         ) from None
+    return data
+
+
+ENVELOPE = msgspec.json.Decoder(dict[str, msgspec.Raw])
+ENVELOPE_KEYS = {"custom_id", "method", "url", "body"}
+
+
+def _field(item: dict[str, msgspec.Raw], key: str) -> Any:
+    raw = item.get(key)
+    return None if raw is None else msgspec.json.decode(raw)
 
 
 def parse_line(
@@ -125,30 +134,42 @@ def parse_line(
             "line_too_long",
             f"the line has {raw.length} bytes, over the limit of {limits.max_line_bytes}",
         )
-    text = decode_line(raw)
+    data = decode_line(raw)
     try:
-        item = orjson.loads(text)
-    except orjson.JSONDecodeError as error:
-        return LineError(raw.number, None, "invalid_json", f"the line is not valid JSON: {error}")
-    if not isinstance(item, dict):
+        item = ENVELOPE.decode(data)
+        custom_id = _field(item, "custom_id")
+    except msgspec.ValidationError:
         return LineError(raw.number, None, "invalid_json", "the line is not a JSON object")
-    custom_id = item.get("custom_id")
+    except msgspec.DecodeError as error:
+        return LineError(raw.number, None, "invalid_json", f"the line is not valid JSON: {error}")
+    except RecursionError:
+        return LineError(raw.number, None, "invalid_json", "the line's JSON is nested too deeply")
     if not isinstance(custom_id, str) or not custom_id:
         return LineError(raw.number, None, "missing_custom_id", "the line has no custom_id string")
     problem = _envelope_problem(item)
     if problem:
         return LineError(raw.number, custom_id, *problem)
-    url = item["url"]
-    body = apply_defaults(item["body"], defaults)
+    url = _field(item, "url")
     try:
-        parsed = BODY_MODELS[url].model_validate(body)
-    except ValidationError as error:
-        return LineError(raw.number, custom_id, *_describe(error))
-    limit_problem = _limit_problem(parsed, limits)
+        body = _decode_body(url, item["body"], defaults)
+    except msgspec.ValidationError as error:
+        return LineError(raw.number, custom_id, *_describe(str(error)))
+    except RecursionError:
+        return LineError(
+            raw.number, custom_id, "invalid_request", "the body's JSON is nested too deeply"
+        )
+    limit_problem = _limit_problem(body, limits)
     if limit_problem:
         return LineError(raw.number, custom_id, "limit_exceeded", limit_problem)
-    request, prompt_chars = to_engine_request(custom_id, url, parsed)
-    return ParsedLine(raw.number, custom_id, url, parsed.model, request, prompt_chars)
+    request, prompt_chars = to_engine_request(custom_id, url, body)
+    return ParsedLine(raw.number, custom_id, url, body.model, request, prompt_chars)
+
+
+def _decode_body(url: str, raw: msgspec.Raw, defaults: dict[str, Any] | None) -> Any:
+    if not defaults:
+        return DECODERS[url].decode(raw)
+    merged = apply_defaults(msgspec.json.decode(raw), defaults)
+    return msgspec.convert(merged, BODY_TYPES[url])
 
 
 # Keys that say the same thing: a line that sets one is not given the ticket's other.
@@ -164,56 +185,38 @@ def apply_defaults(body: dict[str, Any], defaults: dict[str, Any] | None) -> dic
     return merged
 
 
-def _envelope_problem(item: dict[str, Any]) -> tuple[str, str] | None:
-    unknown = sorted(set(item) - {"custom_id", "method", "url", "body"})
+def _envelope_problem(item: dict[str, msgspec.Raw]) -> tuple[str, str] | None:
+    unknown = sorted(set(item) - ENVELOPE_KEYS)
     if unknown:
         return "invalid_request", f"unknown key(s) in the line: {', '.join(unknown)}"
-    if item.get("method") != "POST":
-        return "invalid_method", f"method must be POST, not {item.get('method')!r}"
-    url = item.get("url")
+    method = _field(item, "method")
+    if method != "POST":
+        return "invalid_method", f"method must be POST, not {method!r}"
+    url = _field(item, "url")
     if url not in ENDPOINTS:
         return "invalid_url", f"url {url!r} is not supported; use one of {', '.join(ENDPOINTS)}"
-    if not isinstance(item.get("body"), dict):
+    body = item.get("body")
+    if body is None or not bytes(body).lstrip().startswith(b"{"):
         return "invalid_request", "body must be a JSON object"
     return None
 
 
-# Parameters OpenAI defines that a batch cannot honour, with what to do instead.
-CANNOT_HONOUR = {
-    "stream": "stream: true cannot be honoured in a batch; leave it out or set it to false",
-    "echo": "echo: true is not supported; leave it out or set it to false",
-    "suffix": "suffix is not supported; leave it out",
-    "dimensions": "dimensions is not supported; the model returns its own size",
-    "best_of": "best_of different from n is not supported",
-}
+def _describe(message: str) -> tuple[str, str]:
+    """The error code and a message naming the problem's place in the body."""
+    text, _, where = message.partition(" - at `$")
+    where = where.rstrip("`")
+    if text.startswith("Object contains unknown field `"):
+        name = text.removeprefix("Object contains unknown field `").rstrip("`")
+        return "unsupported_parameter", f"body{where}.{name}: unsupported parameter"
+    code = (
+        "unsupported_parameter"
+        if "cannot be honoured" in text or "is not supported" in text
+        else "invalid_request"
+    )
+    return code, f"body{where}: {text}" if where else f"body: {text}"
 
 
-def _describe(error: ValidationError) -> tuple[str, str]:
-    """The error code and one message naming every problem's place in the body."""
-    details = error.errors(include_url=False)
-    parts, unsupported = [], 0
-    for detail in details[:5]:
-        location = [str(part) for part in detail["loc"] if not _is_union_tag(part)]
-        where = ".".join(location)
-        message = detail["msg"].removeprefix("Value error, ")
-        if detail["type"] == "extra_forbidden":
-            unsupported += 1
-            parts.append(f"body.{where}: unsupported parameter")
-        elif location and location[0] in CANNOT_HONOUR and len(location) == 1:
-            unsupported += 1
-            parts.append(f"body.{CANNOT_HONOUR[location[0]]}")
-        else:
-            parts.append(f"body.{where}: {message}" if where else f"body: {message}")
-    code = "unsupported_parameter" if unsupported == len(details[:5]) else "invalid_request"
-    return code, "; ".join(dict.fromkeys(parts))
-
-
-def _is_union_tag(part: Any) -> bool:
-    # pydantic names union members in locations ("str", "list[...]"); users never wrote those
-    return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or "[" in part)
-
-
-def _limit_problem(body: BaseModel, limits: Limits) -> str | None:
+def _limit_problem(body: Any, limits: Limits) -> str | None:
     max_tokens = getattr(body, "max_completion_tokens", None) or getattr(body, "max_tokens", None)
     if max_tokens is not None and max_tokens > limits.max_tokens:
         return f"max_tokens {max_tokens} is over this appliance's limit of {limits.max_tokens}"
@@ -238,12 +241,10 @@ SAMPLING_KEYS = (
 )
 
 
-def to_engine_request(custom_id: str, url: str, body: BaseModel) -> tuple[EngineRequest, int]:
+def to_engine_request(custom_id: str, url: str, body: Any) -> tuple[EngineRequest, int]:
     """Map a validated body onto an engine request and the size of its prompt in characters."""
     if isinstance(body, EmbeddingBody):
-        inputs = body.input
-        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
-            inputs = [inputs]
+        inputs = body.inputs()
         chars = sum(len(item) if isinstance(item, str) else 4 * len(item) for item in inputs)
         reply = {"encoding_format": body.encoding_format}
         return EngineRequest(custom_id, url, list(inputs), reply_options=reply), chars
@@ -253,15 +254,11 @@ def to_engine_request(custom_id: str, url: str, body: BaseModel) -> tuple[Engine
     sampling["max_tokens"] = getattr(body, "max_completion_tokens", None) or body.max_tokens
     if body.stop is not None:
         sampling["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
-    response_format = (
-        body.response_format.model_dump(by_alias=True, exclude_none=True)
-        if body.response_format is not None and body.response_format.type != "text"
-        else None
-    )
+    response_format = body.response_format.for_engine() if body.response_format else None
     if isinstance(body, ChatBody):
         if body.logprobs:
             sampling["logprobs"] = body.top_logprobs or 0
-        prompt: Any = [message.model_dump(exclude_none=True) for message in body.messages]
+        prompt: Any = msgspec.to_builtins(body.messages)
         chars = sum(_content_chars(message.get("content")) for message in prompt)
     else:
         assert isinstance(body, CompletionBody)
@@ -278,7 +275,3 @@ def _content_chars(content: Any) -> int:
     if isinstance(content, list):
         return sum(len(part.get("text", "")) for part in content)
     return 0
-
-
-def wants_logprobs(request: EngineRequest) -> bool:
-    return request.endpoint in (CHAT, COMPLETIONS) and "logprobs" in request.sampling

@@ -1,0 +1,241 @@
+"""Throughput: the same chat file through raw vLLM, vLLM's batch runner, `batchbox run` and
+the service, on this machine, in one run.
+
+    python benchmarks/throughput.py [--requests 2000] [--config config.yaml]
+
+(a) `LLM.chat` on all prompts at once, the ceiling; (b) `python -m
+vllm.entrypoints.openai.run_batch`; (c) `batchbox run`; (d) `batchbox serve`, dropping the
+file into the inbox and waiting for its outbox folder. Every request sets `ignore_eos` and
+its own `max_tokens`, so each variant generates exactly the same tokens. For each it prints
+the wall time including model load, generation throughput (completion tokens per second of
+generation, and all tokens per second), and the peak resident memory of the process tree,
+then the ratios (c)/(a), (d)/(a) and (c)/(b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPICS = ["the sea", "a city at night", "bread", "a chess game", "rain", "an old clock",
+          "mountains", "a library", "trains", "the moon", "gardens", "a market"]
+
+
+def make_requests(count: int, seed: int = 7) -> list[dict]:
+    """Chat requests with varied prompt lengths (a line to a paragraph) and output lengths."""
+    chooser = random.Random(seed)
+    requests = []
+    for index in range(count):
+        topic = chooser.choice(TOPICS)
+        context = " ".join(chooser.choice(TOPICS) for _ in range(chooser.randint(0, 60)))
+        prompt = f"Write about {topic}. Keep in mind: {context}".strip()
+        requests.append({
+            "custom_id": f"r{index}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": chooser.choice([16, 32, 48, 64, 96, 128]),
+                "temperature": 0.8,
+                "seed": index,
+                "ignore_eos": True,
+            },
+        })
+    return requests
+
+
+class PeakMemory:
+    """Samples the resident memory of a process and its children every 0.2 s."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stop.is_set():
+            try:
+                processes = [self.process, *self.process.children(recursive=True)]
+                total = sum(p.memory_info().rss for p in processes if p.is_running())
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                pass
+            self.stop.wait(0.2)
+
+    def done(self) -> int:
+        self.stop.set()
+        self.thread.join()
+        return self.peak
+
+
+def run_measured(command: list[str], environment: dict[str, str], **kwargs) -> tuple[float, int]:
+    started = time.monotonic()
+    process = subprocess.Popen(command, env=environment, **kwargs)
+    memory = PeakMemory(process.pid)
+    if process.wait() != 0:
+        raise SystemExit(f"{command[:4]} failed with exit status {process.returncode}")
+    return time.monotonic() - started, memory.done()
+
+
+RAW = """
+import json, sys, time
+started = time.monotonic()
+from vllm import LLM, SamplingParams
+settings = json.loads(sys.argv[2])
+llm = LLM(model=sys.argv[1], **settings)
+loaded = time.monotonic()
+lines = [json.loads(line) for line in open(sys.argv[3])]
+conversations = [line["body"]["messages"] for line in lines]
+params = [SamplingParams(max_tokens=b["max_tokens"], temperature=b["temperature"],
+          seed=b["seed"], ignore_eos=True) for b in (line["body"] for line in lines)]
+outputs = llm.chat(conversations, params, use_tqdm=False)
+finished = time.monotonic()
+print("RESULT " + json.dumps({
+    "load": loaded - started, "generate": finished - loaded,
+    "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
+    "completion_tokens": sum(len(c.token_ids) for o in outputs for c in o.outputs)}))
+"""
+
+
+def variant_raw(model: dict, source: str, data: Path, environment: dict) -> dict:
+    out = data.with_suffix(".raw.json")
+    with open(out, "w") as handle:
+        wall, peak = run_measured(
+            [sys.executable, "-c", RAW, source, json.dumps(model["engine"]), str(data)],
+            environment, stdout=handle,
+        )
+    # vLLM logs to standard output too; the figures are on the line marked RESULT.
+    marked = [line for line in out.read_text().splitlines() if line.startswith("RESULT ")]
+    figures = json.loads(marked[-1].removeprefix("RESULT "))
+    return {"wall": wall, "peak": peak, **figures}
+
+
+def variant_run_batch(model: dict, source: str, data: Path, environment: dict) -> dict:
+    out = data.with_suffix(".run_batch.jsonl")
+    engine = model["engine"]
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(data),
+               "-o", str(out), "--model", source, "--served-model-name", "smollm2",
+               "--dtype", str(engine.get("dtype", "auto")),
+               "--max-model-len", str(engine.get("max_model_len", 2048))]
+    if engine.get("enforce_eager"):
+        command.append("--enforce-eager")
+    wall, peak = run_measured(command, environment, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    usage = [json.loads(line)["response"]["body"]["usage"] for line in out.open()]
+    return {"wall": wall, "peak": peak, "generate": None,
+            "prompt_tokens": sum(u["prompt_tokens"] for u in usage),
+            "completion_tokens": sum(u["completion_tokens"] for u in usage)}
+
+
+def batchbox_figures(folder: Path) -> dict:
+    record = json.loads((folder / "benchmark.json").read_text())
+    return {"generate": record["run_seconds"], "load": record["load_seconds"],
+            "prompt_tokens": record["prompt_tokens"],
+            "completion_tokens": record["completion_tokens"]}
+
+
+def variant_run(config: Path, data: Path, environment: dict) -> dict:
+    out = data.parent / "run-outbox"
+    wall, peak = run_measured(
+        [sys.executable, "-m", "watcher.cli", "-c", str(config), "run", str(data), "-o", str(out)],
+        environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    return {"wall": wall, "peak": peak, **batchbox_figures(out / data.stem)}
+
+
+def variant_serve(config: Path, data: Path, environment: dict) -> dict:
+    root = config.parent
+    service = subprocess.Popen(
+        [sys.executable, "-m", "watcher.cli", "-c", str(config), "serve"],
+        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    memory = PeakMemory(service.pid)
+    while not (root / "inbox" / "smollm2-135m").is_dir():
+        time.sleep(0.1)
+    started = time.monotonic()
+    shutil.copy(data, root / "inbox" / "smollm2-135m" / data.name)
+    result = root / "outbox" / "smollm2-135m" / data.stem / "status.json"
+    while not result.exists():
+        time.sleep(0.2)
+    wall = time.monotonic() - started
+    service.terminate()
+    service.wait(60)
+    return {"wall": wall, "peak": memory.done(), **batchbox_figures(result.parent)}
+
+
+def prepare_config(config: Path, work: Path) -> tuple[Path, dict]:
+    data = yaml.safe_load(config.read_text())
+    data.update(inbox="inbox", outbox="outbox", state="state", settle_seconds=1)
+    for model in data["models"].values():
+        if "path" in model:
+            model["path"] = str((config.parent / model["path"]).resolve())
+    target = work / "config.yaml"
+    target.write_text(yaml.safe_dump(data))
+    return target, data["models"]["smollm2-135m"]
+
+
+def show(name: str, figures: dict) -> None:
+    generate = figures.get("generate")
+    completion = figures["completion_tokens"]
+    total = completion + figures["prompt_tokens"]
+    seconds = generate if generate else figures["wall"]
+    figures["completion_per_second"] = completion / seconds
+    figures["total_per_second"] = total / seconds
+    print(f"{name:<28} wall {figures['wall']:7.1f} s   generation "
+          f"{figures['completion_per_second']:7.1f} completion tok/s "
+          f"{figures['total_per_second']:8.1f} total tok/s   peak {figures['peak'] / 2**20:7.0f} MiB"
+          + ("" if generate else "   (over the wall time: it reports no split)"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--config", type=Path, default=ROOT / "config.yaml")
+    parser.add_argument("--only", default="abcd", help="which variants to run, e.g. ac")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="batchbox-throughput-"))
+    config, model = prepare_config(args.config, work)
+    source = model["path"]
+    environment = {**os.environ, **model.get("environment", {}), "HF_HUB_OFFLINE": "1",
+                   "PYTHONPATH": str(ROOT)}
+    data = work / "throughput.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_requests(args.requests)))
+    print(f"{args.requests} chat requests for SmolLM2 on {os.cpu_count()} cores; work in {work}")
+    results = {}
+    variants = {
+        "a": ("(a) LLM.chat, all at once", lambda: variant_raw(model, source, data, environment)),
+        "b": ("(b) vLLM run_batch", lambda: variant_run_batch(model, source, data, environment)),
+        "c": ("(c) batchbox run", lambda: variant_run(config, data, environment)),
+        "d": ("(d) batchbox serve", lambda: variant_serve(config, data, environment)),
+    }
+    for key in args.only:
+        name, run = variants[key]
+        results[key] = run()
+        show(name, results[key])
+    ratios = [("c", "a", "completion_per_second"), ("d", "a", "completion_per_second"),
+              ("c", "b", "wall")]
+    for top, bottom, figure in ratios:
+        if top in results and bottom in results:
+            value = results[top][figure] / results[bottom][figure]
+            what = "generation throughput" if figure != "wall" else "wall time"
+            print(f"({top})/({bottom}) {what}: {value:.3f}")
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -30,8 +30,20 @@ import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-TOPICS = ["the sea", "a city at night", "bread", "a chess game", "rain", "an old clock",
-          "mountains", "a library", "trains", "the moon", "gardens", "a market"]
+TOPICS = [
+    "the sea",
+    "a city at night",
+    "bread",
+    "a chess game",
+    "rain",
+    "an old clock",
+    "mountains",
+    "a library",
+    "trains",
+    "the moon",
+    "gardens",
+    "a market",
+]
 
 
 def make_requests(count: int, seed: int = 7) -> list[dict]:
@@ -42,18 +54,20 @@ def make_requests(count: int, seed: int = 7) -> list[dict]:
         topic = chooser.choice(TOPICS)
         context = " ".join(chooser.choice(TOPICS) for _ in range(chooser.randint(0, 60)))
         prompt = f"Write about {topic}. Keep in mind: {context}".strip()
-        requests.append({
-            "custom_id": f"r{index}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {
-                "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": chooser.choice([16, 32, 48, 64, 96, 128]),
-                "temperature": 0.8,
-                "seed": index,
-                "ignore_eos": True,
-            },
-        })
+        requests.append(
+            {
+                "custom_id": f"r{index}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": chooser.choice([16, 32, 48, 64, 96, 128]),
+                    "temperature": 0.8,
+                    "seed": index,
+                    "ignore_eos": True,
+                },
+            }
+        )
     return requests
 
 
@@ -117,7 +131,8 @@ def variant_raw(model: dict, source: str, data: Path, environment: dict) -> dict
     with open(out, "w") as handle:
         wall, peak = run_measured(
             [sys.executable, "-c", RAW, source, json.dumps(model["engine"]), str(data)],
-            environment, stdout=handle,
+            environment,
+            stdout=handle,
         )
     # vLLM logs to standard output too; the figures are on the line marked RESULT.
     marked = [line for line in out.read_text().splitlines() if line.startswith("RESULT ")]
@@ -128,32 +143,55 @@ def variant_raw(model: dict, source: str, data: Path, environment: dict) -> dict
 def variant_run_batch(model: dict, source: str, data: Path, environment: dict) -> dict:
     out = data.with_suffix(".run_batch.jsonl")
     engine = model["engine"]
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(data),
-               "-o", str(out), "--model", source, "--served-model-name", "smollm2",
-               "--dtype", str(engine.get("dtype", "auto")),
-               "--max-model-len", str(engine.get("max_model_len", 2048))]
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.run_batch",
+        "-i",
+        str(data),
+        "-o",
+        str(out),
+        "--model",
+        source,
+        "--served-model-name",
+        "smollm2",
+        "--dtype",
+        str(engine.get("dtype", "auto")),
+        "--max-model-len",
+        str(engine.get("max_model_len", 2048)),
+    ]
     if engine.get("enforce_eager"):
         command.append("--enforce-eager")
-    wall, peak = run_measured(command, environment, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    wall, peak = run_measured(
+        command, environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     usage = [json.loads(line)["response"]["body"]["usage"] for line in out.open()]
-    return {"wall": wall, "peak": peak, "generate": None,
-            "prompt_tokens": sum(u["prompt_tokens"] for u in usage),
-            "completion_tokens": sum(u["completion_tokens"] for u in usage)}
+    return {
+        "wall": wall,
+        "peak": peak,
+        "generate": None,
+        "prompt_tokens": sum(u["prompt_tokens"] for u in usage),
+        "completion_tokens": sum(u["completion_tokens"] for u in usage),
+    }
 
 
 def batchbox_figures(folder: Path) -> dict:
     record = json.loads((folder / "benchmark.json").read_text())
-    return {"generate": record["run_seconds"], "load": record["load_seconds"],
-            "prompt_tokens": record["prompt_tokens"],
-            "completion_tokens": record["completion_tokens"]}
+    return {
+        "generate": record["run_seconds"],
+        "load": record["load_seconds"],
+        "prompt_tokens": record["prompt_tokens"],
+        "completion_tokens": record["completion_tokens"],
+    }
 
 
 def variant_run(config: Path, data: Path, environment: dict) -> dict:
     out = data.parent / "run-outbox"
     wall, peak = run_measured(
         [sys.executable, "-m", "watcher.cli", "-c", str(config), "run", str(data), "-o", str(out)],
-        environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     return {"wall": wall, "peak": peak, **batchbox_figures(out / data.stem)}
 
@@ -162,7 +200,9 @@ def variant_serve(config: Path, data: Path, environment: dict) -> dict:
     root = config.parent
     service = subprocess.Popen(
         [sys.executable, "-m", "watcher.cli", "-c", str(config), "serve"],
-        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     memory = PeakMemory(service.pid)
     while not (root / "inbox" / "smollm2-135m").is_dir():
@@ -196,10 +236,12 @@ def show(name: str, figures: dict) -> None:
     seconds = generate if generate else figures["wall"]
     figures["completion_per_second"] = completion / seconds
     figures["total_per_second"] = total / seconds
-    print(f"{name:<28} wall {figures['wall']:7.1f} s   generation "
-          f"{figures['completion_per_second']:7.1f} completion tok/s "
-          f"{figures['total_per_second']:8.1f} total tok/s   peak {figures['peak'] / 2**20:7.0f} MiB"
-          + ("" if generate else "   (over the wall time: it reports no split)"))
+    print(
+        f"{name:<28} wall {figures['wall']:7.1f} s   generation "
+        f"{figures['completion_per_second']:7.1f} completion tok/s "
+        f"{figures['total_per_second']:8.1f} total tok/s   peak {figures['peak'] / 2**20:7.0f} MiB"
+        + ("" if generate else "   (over the wall time: it reports no split)")
+    )
 
 
 def main() -> None:
@@ -211,8 +253,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="batchbox-throughput-"))
     config, model = prepare_config(args.config, work)
     source = model["path"]
-    environment = {**os.environ, **model.get("environment", {}), "HF_HUB_OFFLINE": "1",
-                   "PYTHONPATH": str(ROOT)}
+    environment = {
+        **os.environ,
+        **model.get("environment", {}),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     data = work / "throughput.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_requests(args.requests)))
     print(f"{args.requests} chat requests for SmolLM2 on {os.cpu_count()} cores; work in {work}")
@@ -227,8 +273,11 @@ def main() -> None:
         name, run = variants[key]
         results[key] = run()
         show(name, results[key])
-    ratios = [("c", "a", "completion_per_second"), ("d", "a", "completion_per_second"),
-              ("c", "b", "wall")]
+    ratios = [
+        ("c", "a", "completion_per_second"),
+        ("d", "a", "completion_per_second"),
+        ("c", "b", "wall"),
+    ]
     for top, bottom, figure in ratios:
         if top in results and bottom in results:
             value = results[top][figure] / results[bottom][figure]

@@ -143,11 +143,24 @@ _UniqueKeyLoader.add_constructor(
 )
 
 
-def load_yaml(path: Path) -> Any:
+class _NoAliasLoader(_UniqueKeyLoader):
+    """For files anyone may drop: an alias could expand a few bytes into gigabytes."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's own signature
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed here", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def load_yaml(path: Path, aliases: bool = True) -> Any:
     """Safe-load a YAML file; no tag can construct an object. Errors name the file and line."""
+    loader = _UniqueKeyLoader if aliases else _NoAliasLoader
     try:
         with open(path, encoding="utf-8") as handle:
-            return yaml.load(handle, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+            return yaml.load(handle, Loader=loader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -155,6 +168,8 @@ def load_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}{where}: {problem}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
 
 
 def describe_errors(error: ValidationError) -> list[str]:

@@ -54,13 +54,14 @@ class Candidate:
 def inbox_relative(path: str, root: str) -> tuple[str, ...] | None:
     """The parts of `path` below the inbox when it is a file the inbox may hold, else None.
 
-    Only `inbox/<name>` and `inbox/<folder>/<name>` count, and never inside a folder whose
-    own name is ignored (`.Trash-1000`, `.stfolder`, an rsync temporary folder).
+    Only `inbox/<name>` and `inbox/<folder>/<name>` count, and only inside a plain folder:
+    never one whose own name is ignored (`.Trash-1000`, an rsync temporary folder) or names
+    a kind the inbox holds (a folder called `x.jsonl` is refused, not looked into).
     """
     parts = tuple(os.path.relpath(path, root).split(os.sep))
     if parts[0] in (os.curdir, os.pardir):
         return None
-    if len(parts) == 2 and classify(parts[0]) == "ignored":
+    if len(parts) == 2 and classify(parts[0]) != "other":
         return None
     return parts if len(parts) in (1, 2) else None
 

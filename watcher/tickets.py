@@ -9,11 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from watcher.config import ConfigError, describe_errors, load_yaml
 
 TICKET_SUFFIXES = (".yaml", ".yml")
+
+
+MAX_TICKET_JSON = 64 * 1024  # what a ticket's values may take once in the status files
 
 
 class Ticket(BaseModel):
@@ -21,8 +25,20 @@ class Ticket(BaseModel):
 
     model: str | None = None
     defaults: dict[str, Any] = Field(default_factory=dict)
-    priority: int = 0
+    priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("defaults", "metadata")
+    @classmethod
+    def _plain_json(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Values that go into status files and records: JSON, string keys, a bounded size."""
+        try:
+            size = len(orjson.dumps(value))
+        except (TypeError, orjson.JSONEncodeError) as error:
+            raise ValueError(f"must be plain JSON values with string keys ({error})") from None
+        if size > MAX_TICKET_JSON:
+            raise ValueError(f"is {size} bytes as JSON, over the limit of {MAX_TICKET_JSON}")
+        return value
 
 
 class TicketError(Exception):
@@ -42,7 +58,7 @@ def load_ticket(path: Path, max_bytes: int = 1 << 20) -> Ticket:
     if path.stat().st_size > max_bytes:
         raise TicketError(f"ticket {path.name}: larger than {max_bytes} bytes")
     try:
-        data = load_yaml(path)
+        data = load_yaml(path, aliases=False)
     except ConfigError as error:
         raise TicketError(f"ticket {error}") from None
     if data is None:

@@ -84,6 +84,9 @@ class LocalClient:
 
 
 def _child_main(spec: ModelSpec, connection) -> None:
+    # vLLM logs to standard output; the parent's standard output is for its own answers
+    # (`batchbox run` prints the outbox folder, `serve` prints JSON log lines).
+    os.dup2(2, 1)
     os.environ.update(spec.environment)
     try:
         engine = load_engine(spec)

@@ -100,6 +100,8 @@ class FakeEngine:
     - `fake_batch` finishes at most this many requests per step (default 64)
     - `fake_load_seconds` sleeps at load
     - `fake_crash_on`: a prompt containing this text kills the process (for crash tests)
+    - `fake_log_requests`: a file to which the key of every request added is appended, so
+      crash tests can count the requests that ran more than once
     """
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -110,6 +112,7 @@ class FakeEngine:
         self.seconds_per_step = float(options.get("fake_seconds_per_step", 0.0))
         self.batch = int(options.get("fake_batch", 64))
         self.crash_on = options.get("fake_crash_on")
+        self.request_log = options.get("fake_log_requests")
         time.sleep(float(options.get("fake_load_seconds", 0.0)))
         self.spec = spec
         self.waiting: deque[tuple[EngineRequest, int]] = deque()
@@ -164,6 +167,8 @@ class FakeEngine:
                     "more.",
                 )
         self.waiting.append((request, sum(len(words) for words in prompts)))
+        if self.request_log:
+            _log_request(self.request_log, request.key)
         self.prompt_tokens += sum(len(words) for words in prompts)
 
     def _finish(self, request: EngineRequest, prompt_tokens: int) -> EngineOutput:
@@ -208,6 +213,17 @@ class FakeEngine:
 
     def close(self) -> None:
         self.waiting.clear()
+
+
+def _log_request(path: str, key: str) -> None:
+    # One unbuffered append per request: a kill of this process loses none of them.
+    import os
+
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, f"{key}\n".encode())
+    finally:
+        os.close(descriptor)
 
 
 def _fake_vector(text: str, dimensions: int = 8) -> list[float]:

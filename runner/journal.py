@@ -1,8 +1,9 @@
 """A job's partial results: `results.jsonl` and `errors.jsonl` in its work folder.
 
-Each finished request is appended as it finishes and made durable in small groups (write,
-flush, fsync). A run that resumes reads what is there, cuts a torn last line, and learns
-which requests are done: results by `custom_id`, errors by the input line they came from.
+Each finished request is written as it finishes (so a kill loses none) and made durable in
+small groups (fsync). A run that resumes reads what is there, cuts a torn last line, and
+learns which requests are done: results by `custom_id`, errors by the input line they came
+from. A failed write or fsync cuts the files back to their last good fsync.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import orjson
+
+from runner.durable import fsync_dir, write_atomic
 
 RESULTS = "results.jsonl"
 ERRORS = "errors.jsonl"
@@ -57,71 +59,130 @@ class Done:
     tally: Tally = field(default_factory=Tally)
 
 
-def cut_torn_tail(path: Path) -> None:
-    """Drop a last line that a crash left without its newline."""
+def _is_record(name: str, record: object) -> bool:
+    """A line the journal itself could have written: what a resume may trust."""
+    if not isinstance(record, dict):
+        return False
+    if name == RESULTS:
+        return isinstance(record.get("custom_id"), str) and isinstance(record.get("response"), dict)
+    error = record.get("error")
+    return isinstance(error, dict) and isinstance(error.get("line"), int)
+
+
+def load_records(path: Path, name: str) -> list[dict]:
+    """The file's records, after cutting it at its first line that is not a whole record.
+
+    A crash leaves at most a torn last line; a power cut on some filesystems, or a failed
+    write-back, can leave zeros or garbage after the last good line. Either way what follows
+    the last whole record is cut (and the cut made durable), so those requests run again,
+    once.
+    """
     if not path.exists():
-        return
-    with open(path, "rb+") as handle:
-        size = handle.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        position = size
-        while position > 0:
-            step = min(65536, position)
-            handle.seek(position - step)
-            chunk = handle.read(step)
-            newline = chunk.rfind(b"\n")
-            if newline != -1:
-                keep = position - step + newline + 1
+        return []
+    records: list[dict] = []
+    keep = 0
+    with open(path, "rb") as handle:
+        for line in handle:
+            if not line.endswith(b"\n"):
                 break
-            position -= step
-        else:
-            keep = 0
-        if keep != size:
+            if line.strip():
+                try:
+                    record = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    break
+                if not _is_record(name, record):
+                    break
+                records.append(record)
+            keep += len(line)
+        size = handle.seek(0, os.SEEK_END)
+    if keep != size:
+        with open(path, "rb+") as handle:
             handle.truncate(keep)
             handle.flush()
             os.fsync(handle.fileno())
+    return records
 
 
-def read_records(path: Path):
-    if not path.exists():
-        return
-    with open(path, "rb") as handle:
-        for line in handle:
-            if line.strip():
-                yield orjson.loads(line)
+class _Appender:
+    """One journal file, appended with plain writes so that a kill loses nothing written."""
+
+    def __init__(self, path: Path) -> None:
+        self.created = not path.exists()
+        self.descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.durable = os.fstat(self.descriptor).st_size  # its size at the last good fsync
+        self.size = self.durable
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self.descriptor, view)
+            self.size += written
+            view = view[written:]
+
+    def sync(self) -> None:
+        os.fsync(self.descriptor)
+        self.durable = self.size
+
+    def roll_back(self) -> None:
+        """Cut the file back to its last good fsync: nothing after it can be trusted."""
+        try:
+            os.ftruncate(self.descriptor, self.durable)
+        except OSError:
+            pass  # load() cuts whatever is not a whole record at the next start
+        self.size = self.durable
+
+    def close(self) -> None:
+        os.close(self.descriptor)
 
 
 class Journal:
+    """Appends results and errors as they finish, made durable in groups.
+
+    A failed write or fsync breaks the journal: the files are cut back to what the last good
+    fsync made durable, the error is raised, and every later call raises it again. Nothing is
+    fsynced twice after a failure, so a failed fsync can never pass for a good one.
+    """
+
     def __init__(self, folder: Path, sync_every: int = 256, sync_seconds: float = 2.0) -> None:
         self.folder = folder
         self.sync_every = sync_every
         self.sync_seconds = sync_seconds
         self.unsynced = 0
         self.last_sync = time.monotonic()
-        self.handles: dict[str, BinaryIO] = {}
+        self.files: dict[str, _Appender] = {}
+        self.new_names = False  # a file was created: the folder must be fsynced too
+        self.broken: OSError | None = None
 
     def load(self) -> Done:
-        """Read what earlier runs finished, after cutting torn tails."""
+        """Read what earlier runs finished, after cutting what follows the last whole record."""
         self.folder.mkdir(parents=True, exist_ok=True)
         done = Done()
-        for name in (RESULTS, ERRORS):
-            cut_torn_tail(self.folder / name)
-        for record in read_records(self.folder / RESULTS):
+        for record in load_records(self.folder / RESULTS, RESULTS):
             done.ids.add(record["custom_id"])
             done.tally.add_result(record)
-        for record in read_records(self.folder / ERRORS):
+        for record in load_records(self.folder / ERRORS, ERRORS):
             done.lines.add(record["error"]["line"])
             done.tally.failed += 1
         return done
 
-    def _handle(self, name: str) -> BinaryIO:
-        if name not in self.handles:
-            self.handles[name] = open(self.folder / name, "ab")
-        return self.handles[name]
+    def _file(self, name: str) -> _Appender:
+        if name not in self.files:
+            appender = _Appender(self.folder / name)
+            self.files[name] = appender
+            self.new_names = self.new_names or appender.created
+        return self.files[name]
+
+    def _check(self) -> None:
+        if self.broken is not None:
+            raise self.broken
 
     def write(self, name: str, record: dict) -> None:
-        self._handle(name).write(orjson.dumps(record) + b"\n")
+        self._check()
+        try:
+            self._file(name).write(orjson.dumps(record) + b"\n")
+        except OSError as error:
+            self._break(error)
+            raise
         self.unsynced += 1
         if self.unsynced >= self.sync_every or (
             time.monotonic() - self.last_sync >= self.sync_seconds
@@ -130,20 +191,36 @@ class Journal:
 
     def sync(self) -> None:
         """Make every written line durable. A failed fsync raises: it is never retried."""
-        for handle in self.handles.values():
-            handle.flush()
-            os.fsync(handle.fileno())
+        self._check()
+        try:
+            for appender in self.files.values():
+                appender.sync()
+            if self.new_names:
+                fsync_dir(self.folder)
+                self.new_names = False
+        except OSError as error:
+            self._break(error)
+            raise
         self.unsynced = 0
         self.last_sync = time.monotonic()
 
+    def _break(self, error: OSError) -> None:
+        self.broken = error
+        for appender in self.files.values():
+            appender.roll_back()
+
     def close(self) -> None:
-        # Both files always exist, empty when nothing belongs in them.
-        for name in (RESULTS, ERRORS):
-            self._handle(name)
-        self.sync()
-        for handle in self.handles.values():
-            handle.close()
-        self.handles.clear()
+        """Sync and close. Both files always exist, empty when nothing belongs in them;
+        a broken journal closes without another fsync (its error was raised already)."""
+        try:
+            if self.broken is None:
+                for name in (RESULTS, ERRORS):
+                    self._file(name)
+                self.sync()
+        finally:
+            for appender in self.files.values():
+                appender.close()
+            self.files.clear()
 
 
 SOLO_CRASHES = 2  # a request that kills the engine this often while alone in it is failed
@@ -169,8 +246,6 @@ class CrashBook:
         return cls(path, set(data.get("suspects", [])), dict(data.get("solo", {})))
 
     def save(self) -> None:
-        from runner.durable import write_atomic
-
         data = {"suspects": sorted(self.suspects), "solo": self.solo}
         write_atomic(self.path, orjson.dumps(data))
 

@@ -261,6 +261,12 @@ def run_lines(
         error.in_engine = feeder.submitted()
         journal.sync()
         raise
+    except Exception:
+        # The journal could not write (a full disk): the engine must not go on with requests
+        # whose results nobody will take; the next run sends them again.
+        if feeder.in_flight:
+            client.abort(list(feeder.in_flight))
+        raise
     if stopped and feeder.in_flight:
         client.abort(list(feeder.in_flight))
     journal.sync()

@@ -14,7 +14,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from runner.durable import fsync_dir, rename_durably, write_json_atomic
+from runner.durable import fsync_dir, fsync_regular_file, rename_durably, write_json_atomic
 from watcher.commands import new_spool_job
 from watcher.config import Config
 from watcher.execute import INPUT, JobError, validate_job
@@ -32,6 +32,19 @@ class ClaimError(Exception):
 
 class ClaimLost(ClaimError):
     """The file was gone (or swapped for something else) by the time it was to be taken."""
+
+
+class ClaimInterrupted(Exception):
+    """The file is in the spool, but an error (a full disk) cut the claim short.
+
+    Its spool folder holds a record and the input, exactly as a crash at that moment would
+    leave them: the service recovers it from there, the way it does at a start.
+    """
+
+    def __init__(self, work: Path, error: OSError) -> None:
+        super().__init__(f"the claim of {work.name} was cut short: {error}")
+        self.work = work
+        self.error = error
 
 
 def inbox_subdir(path: Path, inbox: Path) -> str:
@@ -54,9 +67,12 @@ def claim_job(path: Path, config: Config, sequence: int) -> tuple[Job, str | Non
     job = _new_job(config, stem_of(path.name), subdir, path.parent)
     job.sequence = sequence
     _take_input(path, job, config)
-    write_status(job)  # the sidecar stands in the inbox from the moment the file is gone
-    ticket_model = _take_ticket(path, job)
-    write_status(job)  # the job record keeps the ticket's values for a restart
+    try:
+        write_status(job)  # the sidecar stands in the inbox from the moment the file is gone
+        ticket_model = _take_ticket(path, job)
+        write_status(job)  # the job record keeps the ticket's values for a restart
+    except OSError as error:
+        raise ClaimInterrupted(job.work, error) from error
     return job, ticket_model
 
 
@@ -75,12 +91,18 @@ def _take_input(path: Path, job: Job, config: Config) -> None:
     target = job.out / INPUT
     # The record goes first: after a crash, a spool folder holding an input always has a
     # record saying what it is, and a record without an input means the file never left
-    # the inbox. The new folders must be durable before the only copy of the file moves in.
-    write_json_atomic(job.work / JOB_RECORD, job.to_record())
-    for folder in (job.work.parent, job.work.parent.parent):
-        fsync_dir(folder)
+    # the inbox. The new folders, and the data of the file itself (an uploader need not
+    # have synced it), must be durable before its only name moves into the spool.
     try:
-        rename_durably(path, target)
+        write_json_atomic(job.work / JOB_RECORD, job.to_record())
+        for folder in (job.work.parent, job.work.parent.parent):
+            fsync_dir(folder)
+        fsync_regular_file(path)
+    except BaseException:
+        shutil.rmtree(job.work, ignore_errors=True)
+        raise
+    try:
+        os.rename(path, target)
     except FileNotFoundError:
         shutil.rmtree(job.work)
         raise ClaimLost(f"{path.name} was gone before it could be taken") from None
@@ -90,6 +112,12 @@ def _take_input(path: Path, job: Job, config: Config) -> None:
             raise ClaimError(one_filesystem_problem(config) or str(error)) from None
         raise
     _make_sure_regular(path, target, job)
+    # From here on the spool holds the only copy: an error must not undo the claim.
+    try:
+        fsync_dir(target.parent)
+        fsync_dir(path.parent)
+    except OSError as error:
+        raise ClaimInterrupted(job.work, error) from error
 
 
 def _make_sure_regular(path: Path, target: Path, job: Job) -> None:
@@ -116,6 +144,7 @@ def _take_ticket(path: Path, job: Job) -> str | None:
         return None
     target = job.out / f"{job.stem}{ticket_path.suffix}"
     try:
+        fsync_regular_file(ticket_path)
         rename_durably(ticket_path, target)
     except FileNotFoundError:
         return None  # removed by its owner in the meantime: the job runs without one
@@ -133,6 +162,13 @@ def _take_ticket(path: Path, job: Job) -> str | None:
     return ticket.model
 
 
+def take_ticket_left_behind(job: Job) -> None:
+    """Move in the ticket of a job whose claim was cut short after its file moved."""
+    if job.sidecar_dir is None or find_ticket(job.out, job.stem) is not None:
+        return
+    _take_ticket(job.sidecar_dir / f"{job.stem}.jsonl", job)
+
+
 def claim_and_validate(path: Path, config: Config, sequence: int) -> Job:
     """Claim the file and check it. The job stays `validating`; `job.errors` set means it
     must be delivered as failed (with `finish_job`), else the caller queues it."""
@@ -142,5 +178,10 @@ def claim_and_validate(path: Path, config: Config, sequence: int) -> Job:
             validate_job(job, config, ticket_model)
         except JobError as error:
             fail_job(job, error.code, error.message, error.line)
-        write_status(job)
+        except OSError as error:
+            raise ClaimInterrupted(job.work, error) from error
+        try:
+            write_status(job)
+        except OSError as error:
+            raise ClaimInterrupted(job.work, error) from error
     return job

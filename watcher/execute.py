@@ -19,11 +19,19 @@ import structlog
 from benchmarks.estimator import Estimate, JobShape, estimate_run
 from benchmarks.record import append_history, build_record, read_history
 from runner.client import EngineClient, EngineDied
-from runner.durable import rename_durably, write_json_atomic
+from runner.durable import (
+    copy_tree_durably,
+    is_disk_trouble,
+    is_out_of_space,
+    make_folders_durably,
+    rename_durably,
+    write_json_atomic,
+)
 from runner.engine import EngineLoadError, ModelSpec
 from runner.journal import CrashBook, Journal
 from runner.lines import FileRejected
 from runner.run import Progress, RunOptions, fail_remaining, run_lines, scan_file
+from watcher.cli import CommandFailed
 from watcher.config import Config
 from watcher.jobs import (
     JOB_RECORD,
@@ -41,6 +49,9 @@ from watcher.jobs import (
 
 INPUT = "input.jsonl"
 CRASHES = "crashes.json"  # in the job's spool folder, not in what is delivered
+# Job-level notes that say a job waits for the disk rather than that it failed; they go
+# when it runs again.
+WAITING_CODES = ("disk_full", "disk_error")
 
 log = structlog.get_logger()
 
@@ -51,6 +62,22 @@ class JobError(Exception):
         self.code = code
         self.message = message
         self.line = line
+
+
+class DiskTrouble(CommandFailed):
+    """A job stopped because the disk is full or failing: what its journal made durable is
+    kept, and it resumes from there once the disk allows (`batchbox run` exits 1)."""
+
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+        self.code = "disk_full" if is_out_of_space(error) else "disk_error"
+        reason = error.strerror or str(error)
+        self.reason = (
+            f"the disk is full ({reason})"
+            if self.code == "disk_full"
+            else f"the disk failed a write ({reason})"
+        )
+        super().__init__(f"{self.reason}; what was done is kept: run the same file again to resume")
 
 
 class EngineProvider(Protocol):
@@ -193,6 +220,7 @@ def run_engine(
             "settings": {**client.info.settings, "max_in_flight": config.max_in_flight},
         }
         if attempt == 0:
+            job.errors = [error for error in job.errors if error.get("code") not in WAITING_CODES]
             mark_in_progress(job)
             started = time.monotonic()
         run_started = time.monotonic()
@@ -229,7 +257,23 @@ def run_engine(
 def execute_job(
     job: Job, config: Config, engines: EngineProvider, outbox: Path, hooks: RunHooks
 ) -> Path | None:
-    """Run a validated job and deliver it; the outbox folder, or None if stopped early."""
+    """Run a validated job and deliver it; the outbox folder, or None if stopped early.
+
+    Raises DiskTrouble when the disk fails it: the job then stays in the spool as far as it
+    got (its journal cut back to the last good fsync), to resume like after a restart.
+    """
+    try:
+        return _execute(job, config, engines, outbox, hooks)
+    except OSError as error:
+        if not is_disk_trouble(error):
+            raise
+        log.warning("job_disk_trouble", job=job.id, error=str(error))
+        raise DiskTrouble(error) from error
+
+
+def _execute(
+    job: Job, config: Config, engines: EngineProvider, outbox: Path, hooks: RunHooks
+) -> Path | None:
     times = RunTimes()
     try:
         final = run_engine(job, config, engines, hooks, times)
@@ -245,8 +289,13 @@ def execute_job(
 def finish_job(
     job: Job, config: Config, outbox: Path, final: JobStatus, times: RunTimes | None = None
 ) -> Path:
-    """Write what is missing, record the benchmark, and deliver the folder in one rename."""
+    """Write what is missing, record the benchmark, and deliver the folder in one rename.
+
+    Safe to call again on a job whose finishing was cut short (a crash, a full disk): each
+    step is done again or found done, and the folder is delivered once.
+    """
     times = times or RunTimes()
+    again = job.final is not None  # finishing began before, and may have reached the history
     job.final = final.value  # so that a restart during finalizing knows how it ends
     if final is JobStatus.CANCELLED:
         mark_cancelling(job)
@@ -270,11 +319,16 @@ def finish_job(
     # The spool now says where it goes, so a restart delivers it once; the sidecar in the
     # inbox says "completed" only once the outbox folder is there.
     write_json_atomic(job.work / JOB_RECORD, job.to_record())
-    append_history(config.folder("state"), record)
+    if not (again and in_history(config.folder("state"), job.id)):
+        append_history(config.folder("state"), record)
     deliver_folder(job.out, target)
     mark_finished(job, final)
     shutil.rmtree(job.work, ignore_errors=True)  # the sidecar and the outbox hold the rest
     return target
+
+
+def in_history(state: Path, job_id: str) -> bool:
+    return any(record.get("job_id") == job_id for record in read_history(state))
 
 
 def benchmark_record(job: Job, config: Config, final: JobStatus, times: RunTimes) -> dict[str, Any]:
@@ -305,7 +359,7 @@ def benchmark_record(job: Job, config: Config, final: JobStatus, times: RunTimes
 def pick_outbox_folder(outbox: Path, subdir: str, stem: str) -> Path:
     """`outbox/<dir>/<stem>`, with -2, -3, ... when the name is taken."""
     parent = outbox / subdir if subdir else outbox
-    parent.mkdir(parents=True, exist_ok=True)
+    make_folders_durably(parent)  # the delivered folder must not vanish with a new parent
     candidate, number = parent / stem, 1
     while candidate.exists() or candidate.is_symlink():
         number += 1
@@ -321,6 +375,7 @@ def deliver_folder(source: Path, target: Path) -> None:
         if error.errno != 18:  # EXDEV: another filesystem, which only `run -o` can ask for
             raise
         staging = target.with_name(f".{target.name}.partial")
-        shutil.copytree(source, staging)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run stopped while copying
+        copy_tree_durably(source, staging)
         rename_durably(staging, target)
         shutil.rmtree(source)

@@ -25,13 +25,25 @@ import structlog
 
 from benchmarks.estimator import Refined, load_seconds_for, refine
 from benchmarks.record import read_history
-from runner.durable import write_json_atomic
+from runner.durable import (
+    is_disk_trouble,
+    is_out_of_space,
+    remove_temporaries,
+    write_json_atomic,
+)
 from runner.run import Progress
-from watcher.claim import ClaimError, ClaimLost, claim_and_validate
+from watcher.claim import (
+    ClaimError,
+    ClaimInterrupted,
+    ClaimLost,
+    claim_and_validate,
+    take_ticket_left_behind,
+)
 from watcher.config import Config
 from watcher.engines import EnginePool
 from watcher.execute import (
     INPUT,
+    DiskTrouble,
     JobError,
     RunHooks,
     estimate_job,
@@ -75,6 +87,13 @@ ETA_REFRESH_SECONDS = 60.0
 ETA_SLACK_SECONDS = 5.0  # an expected finish that moved less than this is not rewritten
 SLICE_SECONDS = 0.5  # claiming a burst and rewriting a long queue yield to the loop this often
 SWEEP_SECONDS = 60.0
+# After a write fails for a full or failing disk, nothing is claimed or started for this long
+# (doubled at each failure in a row, up to DISK_RETRY_MAX_SECONDS), and after a full disk
+# not before free space is back above the floor (min_free_bytes, and DISK_MARGIN_BYTES at
+# least, so that a disk with min_free_bytes 0 is not retried while still full).
+DISK_RETRY_SECONDS = 30.0
+DISK_RETRY_MAX_SECONDS = 600.0
+DISK_MARGIN_BYTES = 1 << 20
 
 
 class StartError(Exception):
@@ -95,6 +114,7 @@ class Running:
     latest: Progress | None = None
     # tokens of requests finished before a restart, which this run's engine did not count
     earlier_tokens: tuple[int, int] | None = None
+    trouble: OSError | None = None  # the disk error that stopped it, to resume later
 
 
 class Service:
@@ -114,6 +134,16 @@ class Service:
         # Complete files waiting to be claimed, in the order they settled (an ordered set).
         self.ready: dict[Path, None] = {}
         self.low_disk = False
+        # Spool folders of jobs that a disk error cut short, to be picked up again from their
+        # records (as at a start) once the disk allows.
+        self.readopt: set[Path] = set()
+        self.disk_wait_until = 0.0
+        self.disk_needs_space = False
+        self.disk_failures = 0
+        # Paused jobs whose note could not be written for want of space: tried again now
+        # and then while they wait, so the sidecar says why nothing moves.
+        self.unwritten_notes: dict[Path, Job] = {}
+        self.last_note_attempt = 0.0
         self.running: Running | None = None
         self.stopping = threading.Event()
         self.observer = None
@@ -175,13 +205,30 @@ class Service:
     # -- one turn of the loop -----------------------------------------------------------
 
     def tick(self) -> None:
+        """One turn of the loop. An error of the disk (or of a folder) never ends the
+        service: every job it touched is in the spool, from where it is picked up again."""
+        try:
+            self.turn()
+        except OSError as error:
+            if is_disk_trouble(error):
+                self.disk_trouble(error)
+            else:
+                log.exception("tick_failed", error=str(error))
+        finally:
+            self.ping()
+
+    def turn(self) -> None:
         self.take_events()
         if time.monotonic() - self.last_rescan >= self.config.rescan_seconds:
             self.rescan()
         self.settle()
         self.claim_ready()
         self.reap()
-        if self.running is None and not self.stopping.is_set():
+        if self.unwritten_notes:
+            self.write_waiting_notes()
+        if self.readopt and self.disk_ready():
+            self.readopt_jobs()
+        if self.running is None and not self.stopping.is_set() and self.disk_ready():
             self.start_next()
         if self.queue_update_due():
             self.update_queue()
@@ -189,7 +236,6 @@ class Service:
             self.pool.unload_if_idle(self.config.idle_unload_seconds)
         if time.monotonic() - self.last_sweep >= SWEEP_SECONDS:
             self.sweep_status_files()
-        self.ping()
 
     def take_events(self) -> None:
         while True:
@@ -231,6 +277,8 @@ class Service:
         while self.ready and not self.stopping.is_set():
             if time.monotonic() - started >= SLICE_SECONDS or not self.disk_space_left():
                 return
+            if not self.disk_ready():
+                return
             path = next(iter(self.ready))
             del self.ready[path]
             self.claim(path)
@@ -250,7 +298,20 @@ class Service:
             job = claim_and_validate(path, self.config, time.time_ns())
         except ClaimLost:
             return
-        except (ClaimError, OSError) as error:
+        except ClaimInterrupted as interrupted:
+            log.warning("claim_interrupted", path=str(path), error=str(interrupted.error))
+            self.readopt.add(interrupted.work)
+            self.disk_trouble(interrupted.error)
+            return
+        except OSError as error:
+            if is_disk_trouble(error):
+                # Nothing moved: the file waits in the inbox, first in line, for the disk.
+                self.ready = {path: None, **self.ready}
+                self.disk_trouble(error)
+                return
+            self.refuse(path, f"{path.name} could not be taken: {error}", "claim_failed")
+            return
+        except ClaimError as error:
             self.refuse(path, f"{path.name} could not be taken: {error}", "claim_failed")
             return
         log.info("job_claimed", job=job.id, input=job.input_name, model=job.model)
@@ -291,8 +352,110 @@ class Service:
             log.warning("status_not_written", path=str(status), error=str(error))
 
     def deliver_failed(self, job: Job) -> None:
-        finish_job(job, self.config, self.outbox, JobStatus.FAILED)
+        self.finish(job, JobStatus.FAILED)
+
+    def finish(self, job: Job, final: JobStatus) -> bool:
+        """Deliver a job that is not running; on a disk error it is picked up again later."""
+        try:
+            finish_job(job, self.config, self.outbox, final)
+        except OSError as error:
+            if not is_disk_trouble(error):
+                raise
+            log.warning("job_not_delivered", job=job.id, error=str(error))
+            self.readopt.add(job.work)
+            self.disk_trouble(error)
+            return False
         log.info("job_finished", **job.summary())
+        self.disk_failures = 0
+        return True
+
+    # -- a full or failing disk ---------------------------------------------------------
+
+    def disk_trouble(self, error: OSError) -> None:
+        """Hold off claiming and starting work for a while, and until there is space."""
+        self.disk_failures += 1
+        delay = min(DISK_RETRY_SECONDS * 2 ** (self.disk_failures - 1), DISK_RETRY_MAX_SECONDS)
+        self.disk_wait_until = max(self.disk_wait_until, time.monotonic() + delay)
+        self.disk_needs_space = self.disk_needs_space or is_out_of_space(error)
+        log.warning(
+            "disk_trouble", error=str(error), retry_seconds=delay, jobs_waiting=len(self.readopt)
+        )
+
+    def disk_ready(self) -> bool:
+        """Whether work may go on: no disk error lately, or its wait is over and, after a
+        full disk, space is back."""
+        if not self.disk_wait_until:
+            return True
+        if time.monotonic() < self.disk_wait_until:
+            return False
+        if self.disk_needs_space:
+            floor = max(self.config.min_free_bytes, DISK_MARGIN_BYTES)
+            if shutil.disk_usage(self.state).free < floor:
+                return False
+        log.info("disk_ready", jobs_waiting=len(self.readopt))
+        self.disk_wait_until = 0.0
+        self.disk_needs_space = False
+        return True
+
+    def readopt_jobs(self) -> None:
+        """Pick up, from their spool records, the jobs a disk error cut short."""
+        for work in sorted(self.readopt):
+            self.readopt.discard(work)
+            self.unwritten_notes.pop(work, None)  # its record on disk is what counts now
+            if not self.adopt(work):
+                return  # the disk failed again: the rest wait with it
+
+    def adopt(self, work: Path) -> bool:
+        """Recover one spool folder into the queue (or the outbox); False on a disk error."""
+        if not (work / JOB_RECORD).is_file():
+            return True  # delivered meanwhile, or never recorded
+        job = None
+        try:
+            job = load_job(work)
+            self.recover_job(job)
+        except OSError as error:
+            if not is_disk_trouble(error):
+                raise
+            if job is not None and job in self.queue.jobs:
+                self.queue.remove(job)
+            self.readopt.add(work)
+            self.disk_trouble(error)
+            return False
+        except (ValueError, KeyError, TypeError) as error:
+            # Records are written atomically, so this is someone else's doing: keep the
+            # folder for a person to look at, and serve the other jobs.
+            log.error("job_record_unreadable", work=str(work), error=str(error))
+        return True
+
+    def pause_for_disk(self, job: Job, error: OSError) -> None:
+        """A job the disk stopped: say so beside it; it resumes from its journal later."""
+        trouble = DiskTrouble(error)
+        job.errors = [note for note in job.errors if note.get("code") != trouble.code]
+        job.errors.append(
+            {
+                "code": trouble.code,
+                "message": f"{trouble.reason}; the job waits and resumes where it stopped",
+            }
+        )
+        # A job stopped while finishing keeps the record finish_job wrote: the sidecar must
+        # not say "completed" before its outbox folder is there.
+        if not (job.status.finished or job.status is JobStatus.FINALIZING):
+            self.unwritten_notes[job.work] = job
+            self.write_waiting_notes()
+        self.readopt.add(job.work)
+        self.disk_trouble(error)
+
+    def write_waiting_notes(self) -> None:
+        if time.monotonic() - self.last_note_attempt < QUEUE_MIN_SECONDS:
+            return
+        self.last_note_attempt = time.monotonic()
+        for work, job in list(self.unwritten_notes.items()):
+            try:
+                write_status(job)
+            except OSError as error:
+                log.warning("status_not_written", job=job.id, error=str(error))
+                return
+            del self.unwritten_notes[work]
 
     # -- running ------------------------------------------------------------------------
 
@@ -314,9 +477,11 @@ class Service:
         def work() -> None:
             try:
                 running.outcome = execute_job(job, self.config, self.pool, self.outbox, hooks)
+            except DiskTrouble as trouble:
+                running.trouble = trouble.error
             except Exception as error:  # noqa: BLE001 - a bug must not leave it in_progress
                 log.exception("job_crashed", job=job.id)
-                self.fail_crashed(job, error)
+                running.trouble = self.fail_crashed(job, error)
             finally:
                 self.events.put(Candidate(self.inbox, "job-finished"))
 
@@ -325,18 +490,24 @@ class Service:
         log.info("job_started", job=job.id, input=job.input_name, model=job.model)
         running.thread.start()
 
-    def fail_crashed(self, job: Job, error: Exception) -> None:
-        """Deliver a job whose run raised something unforeseen as failed, with what it has.
+    def fail_crashed(self, job: Job, error: Exception) -> OSError | None:
+        """Deliver a job whose run raised something unforeseen as failed, with what it has;
+        the disk error that stopped the delivery, if one did (it is delivered later).
 
         When the service is stopping, the job stays in the spool and resumes at the next
         start instead: the error may be the stop itself (an engine ended under it)."""
         if self.stopping.is_set():
-            return
+            return None
         try:
             fail_job(job, "internal_error", f"the run failed: {type(error).__name__}: {error}")
             finish_job(job, self.config, self.outbox, JobStatus.FAILED)
+        except OSError as delivery_error:
+            if is_disk_trouble(delivery_error):
+                return delivery_error
+            log.exception("job_not_delivered", job=job.id)
         except Exception:  # noqa: BLE001 - the spool keeps it for the next start
             log.exception("job_not_delivered", job=job.id)
+        return None
 
     def progress(self, running: Running, progress: Progress) -> None:
         job = running.job
@@ -398,8 +569,11 @@ class Service:
             return
         self.running = None
         job = running.job
-        if job.status.finished:
+        if running.trouble is not None:
+            self.pause_for_disk(job, running.trouble)
+        elif job.status.finished:
             log.info("job_finished", **job.summary())
+            self.disk_failures = 0
         self.pool.touch()
 
     # -- cancelling ---------------------------------------------------------------------
@@ -423,9 +597,8 @@ class Service:
             self.queue.remove(job)
             self.queue_changed = True
             self.eta_written.pop(job.id, None)
-            finish_job(job, self.config, self.outbox, JobStatus.CANCELLED)
-            log.info("job_finished", **job.summary())
-            path.unlink(missing_ok=True)
+            if self.finish(job, JobStatus.CANCELLED):
+                path.unlink(missing_ok=True)  # else kept: the cancel applies once it is back
             return
         if (path.parent / f"{stem}.jsonl").exists():
             return  # its file is still settling: the cancel applies once it is claimed
@@ -527,13 +700,26 @@ class Service:
     # -- recovery -----------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Pick up every job the spool holds, in its original order."""
+        """Pick up every job the spool holds; the queue puts them back in their order."""
+        self.remove_temporaries()
         for work in sorted((self.state / "jobs").iterdir()):
             if not (work / JOB_RECORD).is_file():
                 shutil.rmtree(work, ignore_errors=True)  # claimed but never recorded: empty
                 continue
-            job = load_job(work)
-            self.recover_job(job)
+            self.adopt(work)
+
+    def remove_temporaries(self) -> None:
+        """What a crash in the middle of an atomic write left: never a file of the user's,
+        and never to be delivered with a job's folder."""
+        folders = [self.inbox, self.state, self.outbox]
+        folders += [
+            path for path in self.inbox.iterdir() if path.is_dir() and not path.is_symlink()
+        ]
+        for work in (self.state / "jobs").iterdir():
+            folders += [work, work / "out"]
+        removed = sum(remove_temporaries(folder) for folder in folders if folder.is_dir())
+        if removed:
+            log.info("temporaries_removed", count=removed)
 
     def recover_job(self, job: Job) -> None:
         log.info("job_recovered", job=job.id, status=job.status.value)
@@ -544,23 +730,26 @@ class Service:
                 mark_finished(job, final)
                 shutil.rmtree(job.work, ignore_errors=True)
                 return
-            finish_job(job, self.config, self.outbox, final)
+            self.finish(job, final)
             return
         if job.status is JobStatus.CANCELLING:
-            finish_job(job, self.config, self.outbox, JobStatus.CANCELLED)
+            self.finish(job, JobStatus.CANCELLED)
             return
         if job.status is JobStatus.VALIDATING:
             if not (job.out / INPUT).exists():
                 # Recorded, then stopped before the rename: the file is still in the inbox.
                 shutil.rmtree(job.work, ignore_errors=True)
                 return
+            take_ticket_left_behind(job)
             revalidate(job, self.config)
             if job.errors:
                 self.deliver_failed(job)
                 return
-        self.queue.push(job)
+        # Written before it joins the queue: a write that fails leaves it out of the queue,
+        # to be adopted again, never in it twice.
         if job.status is not JobStatus.IN_PROGRESS:
             mark_queued(job)
+        self.queue.push(job)
 
 
 def revalidate(job: Job, config: Config) -> None:
@@ -569,10 +758,14 @@ def revalidate(job: Job, config: Config) -> None:
     ticket_path = find_ticket(job.out, job.stem)
     if ticket_path is not None:
         try:
-            ticket_model = load_ticket(ticket_path).model
+            ticket = load_ticket(ticket_path)
         except TicketError as error:
             fail_job(job, "invalid_ticket", str(error))
             return
+        # The claim may have stopped before its record took the ticket's values.
+        job.has_ticket = True
+        job.priority, job.metadata, job.defaults = ticket.priority, ticket.metadata, ticket.defaults
+        ticket_model = ticket.model
     try:
         validate_job(job, config, ticket_model)
     except JobError as error:

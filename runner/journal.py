@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,8 +70,9 @@ def _is_record(name: str, record: object) -> bool:
     return isinstance(error, dict) and isinstance(error.get("line"), int)
 
 
-def load_records(path: Path, name: str) -> list[dict]:
-    """The file's records, after cutting it at its first line that is not a whole record.
+def load_records(path: Path, name: str, take: Callable[[dict], None]) -> None:
+    """Hand each record of the file to `take`, after cutting the file at its first line that
+    is not a whole record. Streams: a 200,000-line journal is never held in memory.
 
     A crash leaves at most a torn last line; a power cut on some filesystems, or a failed
     write-back, can leave zeros or garbage after the last good line. Either way what follows
@@ -78,8 +80,7 @@ def load_records(path: Path, name: str) -> list[dict]:
     once.
     """
     if not path.exists():
-        return []
-    records: list[dict] = []
+        return
     keep = 0
     with open(path, "rb") as handle:
         for line in handle:
@@ -92,7 +93,7 @@ def load_records(path: Path, name: str) -> list[dict]:
                     break
                 if not _is_record(name, record):
                     break
-                records.append(record)
+                take(record)
             keep += len(line)
         size = handle.seek(0, os.SEEK_END)
     if keep != size:
@@ -100,7 +101,6 @@ def load_records(path: Path, name: str) -> list[dict]:
             handle.truncate(keep)
             handle.flush()
             os.fsync(handle.fileno())
-    return records
 
 
 class _Appender:
@@ -157,12 +157,17 @@ class Journal:
         """Read what earlier runs finished, after cutting what follows the last whole record."""
         self.folder.mkdir(parents=True, exist_ok=True)
         done = Done()
-        for record in load_records(self.folder / RESULTS, RESULTS):
+
+        def result(record: dict) -> None:
             done.ids.add(record["custom_id"])
             done.tally.add_result(record)
-        for record in load_records(self.folder / ERRORS, ERRORS):
+
+        def error(record: dict) -> None:
             done.lines.add(record["error"]["line"])
             done.tally.failed += 1
+
+        load_records(self.folder / RESULTS, RESULTS, result)
+        load_records(self.folder / ERRORS, ERRORS, error)
         return done
 
     def _file(self, name: str) -> _Appender:

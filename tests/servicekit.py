@@ -245,26 +245,30 @@ class SidecarWatch:
 
     def _watch(self) -> None:
         while not self.stop.is_set():
-            try:
-                data = self.path.read_bytes()
-            except FileNotFoundError:
-                continue
-            self.reads += 1
-            try:
-                document = json.loads(data)
-            except ValueError:
-                self.torn.append(data)
-                continue
-            state = document.get("status") if "status" in document else "eta"
-            if not self.documents or document != self.documents[-1]:
-                self.documents.append(document)
-            if not self.states or self.states[-1] != state:
-                self.states.append(state)
+            self._read_once()
+
+    def _read_once(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        self.reads += 1
+        try:
+            document = json.loads(data)
+        except ValueError:
+            self.torn.append(data)
+            return
+        state = document.get("status") if "status" in document else "eta"
+        if not self.documents or document != self.documents[-1]:
+            self.documents.append(document)
+        if not self.states or self.states[-1] != state:
+            self.states.append(state)
 
     def finish(self) -> SidecarWatch:
         self.stop.set()
         if self.thread is not None:
             self.thread.join(5)
+        self._read_once()  # the last state, which the thread may not have reached in time
         return self
 
 

@@ -11,7 +11,6 @@ from typing import Any
 
 from runner.types import CHAT, EMBEDDINGS, Choice, EngineOutput, EngineRequest
 
-
 # Ids need only be unique, not secret: a random stem per process and a counter are as
 # unique as uuid4 here and cost a fraction of it on every line of a 200,000-line file.
 _STEM = secrets.token_hex(8)

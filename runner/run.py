@@ -313,28 +313,52 @@ def _run_alone(
     return False
 
 
-def fail_remaining(path: Path, journal: Journal, code: str, message: str, limits: Limits) -> Tally:
+def fail_remaining(
+    path: Path,
+    journal: Journal,
+    code: str,
+    message: str,
+    limits: Limits,
+    defaults: dict[str, Any] | None = None,
+    endpoint: str | None = None,
+) -> Tally:
     """Write an error for every line not yet in the journal, so none is ever missing.
 
     Used when a job is cancelled or fails as a whole: the lines that did not run still
-    appear, once, in `errors.jsonl`.
+    appear, once, in `errors.jsonl`. A line that is wrong in itself gets its own error
+    (line_too_long, invalid_json...), the others `code` and `message`.
     """
     done = journal.load()
     seen: set[str] = set()
+    checker = LineChecker(limits, defaults, endpoint)
     for raw in read_raw_lines(path, limits.max_line_bytes):
+        own = _own_error(checker, raw)
         if raw.number in done.lines:
             continue
-        custom_id = _custom_id_of(raw)
+        custom_id = own.custom_id if own is not None else _custom_id_of(raw)
         # Only the first line with a custom_id can have run; a later one is a duplicate.
         first = custom_id is not None and custom_id not in seen
         if custom_id is not None:
             seen.add(custom_id)
         if first and custom_id in done.ids:
             continue
-        journal.write(ERRORS, error_record(custom_id, raw.number, code, message))
+        if own is not None:
+            record = error_record(own.custom_id, raw.number, own.code, own.message)
+        else:
+            record = error_record(custom_id, raw.number, code, message)
+        journal.write(ERRORS, record)
         done.tally.failed += 1
     journal.close()
     return done.tally
+
+
+def _own_error(checker: LineChecker, raw: RawLine) -> LineError | None:
+    """The error a line has in itself, if any; None where the whole file is at fault."""
+    try:
+        checked = checker.check(raw)
+    except FileRejected:
+        return None
+    return checked if isinstance(checked, LineError) else None
 
 
 def _custom_id_of(raw: RawLine) -> str | None:

@@ -274,7 +274,8 @@ def test_a_file_that_is_not_utf8_fails_and_every_line_is_in_errors(site, cli):
     assert status["errors"][0]["code"] == "invalid_encoding"
     assert results == []
     assert sorted(record["error"]["line"] for record in errors) == [1, 2, 3, 5]
-    assert {record["error"]["code"] for record in errors} == {"batch_failed"}
+    codes = {record["error"]["line"]: record["error"]["code"] for record in errors}
+    assert codes == {1: "batch_failed", 2: "batch_failed", 3: "invalid_json", 5: "batch_failed"}
     assert {record["custom_id"] for record in errors} == {"q1", None, "q4"}
     assert source.exists()
 

@@ -54,26 +54,7 @@ FREEZE = (
     "disk_trouble for any errno: nothing is claimed or started for 30 s, doubling at each "
     "failed re-adoption"
 )
-SOLO_BUGS = {
-    "name-not-utf-8": (
-        "watcher/claim.py _take_input: job.to_record() holds the name as a str with a "
-        "surrogate escape; orjson.dumps raises TypeError, which Service.claim/tick do not "
-        "catch: serve exits 1, and again at every start (the rescan finds it)"
-    ),
-    "folder-named-x-cancel": (
-        "watcher/service.py Service.cancel: path.unlink() on a folder raises "
-        "IsADirectoryError out of the loop (logged as tick_failed at every rescan, or serve "
-        "exits 1)"
-    ),
-    "name-of-255-bytes": (
-        "watcher/claim.py claim_job: write_status raises ENAMETOOLONG for the 256-byte "
-        ".status name after the file was renamed into the spool" + FREEZE
-    ),
-    "folder-named-like-its-status": (
-        "watcher/jobs.py write_status: os.replace onto a folder named <stem>.status raises "
-        "IsADirectoryError after the claim's rename" + FREEZE
-    ),
-}
+SOLO_BUGS = {}
 
 
 def _solo_param(item: Item):
@@ -212,8 +193,7 @@ def test_good_jobs_between_bad_ones_are_delivered_complete_and_untouched(
 
 
 # Items whose answer is wrong today: the bug, where it lives, and what happens.
-BUGS = {
-}
+BUGS = {}
 
 CORPUS_KEYS = [
     "random-binary",
@@ -372,11 +352,6 @@ CHECKS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runner/run.py fail_remaining writes batch_failed for every line of a failed file, "
-    "so a line that fails on its own (here line_too_long) never shows its own error",
-)
 def test_a_line_over_max_line_bytes_gets_line_too_long_in_errors_jsonl(hostile: Hostile) -> None:
     item = hostile.item("line-of-50-MB")
     error = read_jsonl(hostile.outbox / item.stem / "errors.jsonl")[0]["error"]
@@ -384,12 +359,6 @@ def test_a_line_over_max_line_bytes_gets_line_too_long_in_errors_jsonl(hostile: 
     assert error["code"] == "line_too_long", error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runner/run.py run_lines and watcher/execute.py finish_job never check that the "
-    "input is still what was validated: lines cut off mid-run vanish from results and errors "
-    "while the job ends completed with request_counts.total > completed + failed",
-)
 def test_a_file_truncated_while_it_runs_loses_no_line_or_fails_saying_so(
     hostile: Hostile,
 ) -> None:
@@ -437,11 +406,6 @@ STATUS_KEYS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="watcher/service.py Service.refuse writes only id, input, status, errors and "
-    "updated_at: SPEC section 4 says none of the .status keys is dropped",
-)
 def test_a_refusal_status_has_every_key_of_the_status_format(hostile: Hostile) -> None:
     document = read_json(hostile.item("fifo").status_path(hostile.inbox))
     assert STATUS_KEYS <= set(document), sorted(STATUS_KEYS - set(document))

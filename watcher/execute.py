@@ -124,6 +124,7 @@ def validate_job(
     job.total = summary.lines
     job.prompt_chars = summary.prompt_chars
     job.max_tokens = [[value, count] for value, count in summary.max_tokens.items()]
+    job.input_signature = input_signature(input_path or job.out / INPUT)
     served = config.models[job.model].endpoints
     if job.endpoint not in served:
         raise JobError(
@@ -251,7 +252,19 @@ def run_engine(
         return JobStatus.CANCELLED
     if hooks.stop_requested():
         return None
+    if job.input_signature and input_signature(job.out / INPUT) != job.input_signature:
+        # Someone still holding the file (or a hard link to it) rewrote it after the claim.
+        raise JobError(
+            "input_changed",
+            "the input file changed while the job ran (it was truncated or rewritten after "
+            "it was taken); drop it again once it is complete",
+        )
     return JobStatus.COMPLETED
+
+
+def input_signature(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
 
 
 def execute_job(
@@ -305,7 +318,15 @@ def finish_job(
     else:
         first = job.errors[0]["message"] if job.errors else "the job failed"
         code, message = "batch_failed", f"the job failed before this request ran: {first}"
-    tally = fail_remaining(job.out / INPUT, Journal(job.out), code, message, config.limits_value)
+    tally = fail_remaining(
+        job.out / INPUT,
+        Journal(job.out),
+        code,
+        message,
+        config.limits_value,
+        job.defaults,
+        job.endpoint,
+    )
     job.completed, job.failed = tally.completed, tally.failed
     # A file that failed before it was counted: what fail_remaining saw is its size.
     job.total = max(job.total, tally.completed + tally.failed)

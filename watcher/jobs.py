@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 
-from runner.durable import write_json_atomic
+from runner.durable import is_disk_trouble, write_json_atomic
+
+log = structlog.get_logger()
 
 JOB_RECORD = "job.json"
 OUT = "out"  # the folder inside a job's spool folder that becomes its outbox folder
@@ -82,6 +85,7 @@ class Job:
     has_ticket: bool = False
     origin: str | None = None  # the file `batchbox run` was given, to resume a stopped run
     final: str | None = None  # how the job ends, set when finalizing starts
+    input_signature: list[int] | None = None  # size, mtime and inode when it was validated
 
     @property
     def out(self) -> Path:
@@ -173,12 +177,23 @@ def sidecar(job: Job, suffix: str) -> Path | None:
     return job.sidecar_dir / f"{job.stem}{suffix}"
 
 
+def write_sidecar(path: Path, document: dict[str, Any]) -> None:
+    """Write a sidecar atomically. A name the inbox cannot hold (too long, taken by a folder)
+    is logged and the job goes on without it; a full or failing disk is raised."""
+    try:
+        write_json_atomic(path, document)
+    except OSError as error:
+        if is_disk_trouble(error):
+            raise
+        log.warning("sidecar_not_written", path=str(path), error=str(error))
+
+
 def write_status(job: Job) -> None:
     """Persist the job and rewrite its `.status` sidecar, both atomically."""
     write_json_atomic(job.work / JOB_RECORD, job.to_record())
     path = sidecar(job, ".status")
     if path is not None and path.parent.is_dir():
-        write_json_atomic(path, job.status_document())
+        write_sidecar(path, job.status_document())
 
 
 def write_eta(job: Job, seconds: float, basis: str) -> None:
@@ -193,7 +208,7 @@ def write_eta(job: Job, seconds: float, basis: str) -> None:
             "written_at": iso(written),
             "basis": basis,
         }
-        write_json_atomic(path, document)
+        write_sidecar(path, document)
 
 
 def fail_job(job: Job, code: str, message: str, line: int | None = None) -> None:
@@ -232,6 +247,6 @@ def mark_finished(job: Job, status: JobStatus) -> None:
     job.completed_at = now()
     job.eta = None
     eta = sidecar(job, ".eta")
-    if eta is not None:
+    if eta is not None and eta.is_file():
         eta.unlink(missing_ok=True)  # first, so a reader never sees it beside a final status
     write_status(job)

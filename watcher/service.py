@@ -12,6 +12,7 @@ watchdog are served while a job runs.
 
 from __future__ import annotations
 
+import os
 import queue
 import shutil
 import threading
@@ -137,6 +138,8 @@ class Service:
         # Spool folders of jobs that a disk error cut short, to be picked up again from their
         # records (as at a start) once the disk allows.
         self.readopt: set[Path] = set()
+        # files refused at claim, with what they were then, so a rescan does not repeat it
+        self.turned_away: dict[Path, tuple[int, int, int]] = {}
         self.disk_wait_until = 0.0
         self.disk_needs_space = False
         self.disk_failures = 0
@@ -295,13 +298,26 @@ class Service:
 
     def claim(self, path: Path) -> None:
         try:
+            stat = path.lstat()
+        except OSError:
+            return
+        signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if self.turned_away.get(path) == signature:
+            return  # refused before and unchanged since: once is enough
+        problem = unclaimable(path)
+        if problem is not None:
+            self.turned_away[path] = signature
+            self.refuse(path, problem, "invalid_name")
+            return
+        try:
             job = claim_and_validate(path, self.config, time.time_ns())
         except ClaimLost:
             return
         except ClaimInterrupted as interrupted:
             log.warning("claim_interrupted", path=str(path), error=str(interrupted.error))
             self.readopt.add(interrupted.work)
-            self.disk_trouble(interrupted.error)
+            if is_disk_trouble(interrupted.error):
+                self.disk_trouble(interrupted.error)
             return
         except OSError as error:
             if is_disk_trouble(error):
@@ -312,7 +328,13 @@ class Service:
             self.refuse(path, f"{path.name} could not be taken: {error}", "claim_failed")
             return
         except ClaimError as error:
+            self.turned_away[path] = signature
             self.refuse(path, f"{path.name} could not be taken: {error}", "claim_failed")
+            return
+        except Exception as error:  # noqa: BLE001 - one odd file must not stop the appliance
+            log.exception("claim_crashed", path=os.fsdecode(path))
+            self.turned_away[path] = signature
+            self.refuse(path, f"the file could not be taken: {error}", "claim_failed")
             return
         log.info("job_claimed", job=job.id, input=job.input_name, model=job.model)
         if job.errors:
@@ -339,12 +361,25 @@ class Service:
         """A name that looks like a job but cannot be taken: say why beside it."""
         log.warning("file_refused", path=str(path), reason=reason)
         status = path.with_name(f"{path.stem}.status")
+        moment = iso(now())
+        # Every key of the status format, so that scripts reading it find what they expect.
         document = {
             "id": None,
-            "input": str(path.relative_to(self.inbox)),
+            "input": os.fsdecode(path.relative_to(self.inbox)).encode("utf-8", "replace").decode(),
+            "model": None,
+            "endpoint": None,
             "status": "failed",
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "queue_position": None,
+            "created_at": moment,
+            "in_progress_at": None,
+            "completed_at": moment,
+            "updated_at": moment,
+            "eta": None,
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0},
+            "throughput": None,
+            "outbox": None,
             "errors": [{"code": code, "message": reason}],
-            "updated_at": iso(now()),
         }
         try:
             write_json_atomic(status, document)
@@ -579,8 +614,8 @@ class Service:
     # -- cancelling ---------------------------------------------------------------------
 
     def cancel(self, path: Path) -> None:
-        if not path.exists():
-            return
+        if not path.is_file():
+            return  # gone, or a folder or link that merely has the name: not a cancel
         stem = path.stem
         running = self.running
         if (
@@ -750,6 +785,16 @@ class Service:
         if job.status is not JobStatus.IN_PROGRESS:
             mark_queued(job)
         self.queue.push(job)
+
+
+def unclaimable(path: Path) -> str | None:
+    """Why a complete file cannot become a job, or None. Its name goes into status files,
+    which are UTF-8 JSON."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the file name is not UTF-8 text; rename the file"
+    return None
 
 
 def revalidate(job: Job, config: Config) -> None:

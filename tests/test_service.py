@@ -555,7 +555,7 @@ def test_an_upload_is_claimed_once(server: Server, tmp_path: Path, upload: str) 
                 handle.flush()
                 time.sleep(0.01)
         os.rename(inbox / "upload.jsonl.part", inbox / "upload.jsonl")
-    wait_for(lambda: finished(inbox / "upload.status", outbox), 10)
+    wait_for(lambda: finished(inbox / "upload.status", outbox), 30)
     time.sleep(1.2)  # a rescan after delivery must not find anything more to take
     assert [path.name for path in outbox.iterdir()] == ["upload"]
     assert (outbox / "upload" / "input.jsonl").read_bytes() == data

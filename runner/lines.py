@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from runner.bodies import BODY_TYPES, DECODERS, ChatBody, CompletionBody, EmbeddingBody
-from runner.types import ENDPOINTS, EngineRequest
+from runner.types import ENDPOINTS, CodedError, EngineRequest
 
 BLOCK_BYTES = 1 << 20
 
@@ -54,14 +54,8 @@ class ParsedLine:
     prompt_chars: int
 
 
-class FileRejected(Exception):
+class FileRejected(CodedError):
     """The file as a whole cannot run (empty, not UTF-8, over a limit, no valid line)."""
-
-    def __init__(self, code: str, message: str, line: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.line = line
 
 
 def read_raw_lines(path: Path, max_line_bytes: int) -> Iterator[RawLine]:

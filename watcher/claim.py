@@ -17,7 +17,7 @@ from pathlib import Path
 from runner.durable import fsync_dir, fsync_regular_file, rename_durably, write_json_atomic
 from watcher.commands import new_spool_job
 from watcher.config import Config
-from watcher.execute import INPUT, JobError, validate_job
+from watcher.execute import INPUT, check_job
 from watcher.inbox import stem_of
 from watcher.jobs import JOB_RECORD, Job, fail_job, write_status
 from watcher.machine import one_filesystem_problem
@@ -175,9 +175,7 @@ def claim_and_validate(path: Path, config: Config, sequence: int) -> Job:
     job, ticket_model = claim_job(path, config, sequence)
     if not job.errors:
         try:
-            validate_job(job, config, ticket_model)
-        except JobError as error:
-            fail_job(job, error.code, error.message, error.line)
+            check_job(job, config, ticket_model)
         except OSError as error:
             raise ClaimInterrupted(job.work, error) from error
         try:

@@ -22,6 +22,7 @@ from watcher.execute import (
     INPUT,
     JobError,
     RunHooks,
+    check_job,
     estimate_job,
     execute_job,
     finish_job,
@@ -162,10 +163,7 @@ def run_file(args: argparse.Namespace, config: Config) -> int:
 def _validated_run_job(config: Config, path: Path, model: str | None, outbox: Path) -> Job:
     job, ticket_model = _prepare_run_job(config, path, model)
     if not job.errors:
-        try:
-            validate_job(job, config, ticket_model)
-        except JobError as error:
-            fail_job(job, error.code, error.message, error.line)
+        check_job(job, config, ticket_model)
     if job.errors:
         target = finish_job(job, config, outbox, JobStatus.FAILED)
         raise CommandFailed(f"{job.errors[0]['message']} (details in {target})")

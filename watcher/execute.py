@@ -31,6 +31,7 @@ from runner.engine import EngineLoadError, ModelSpec
 from runner.journal import CrashBook, Journal
 from runner.lines import FileRejected
 from runner.run import Progress, RunOptions, fail_remaining, run_lines, scan_file
+from runner.types import CodedError
 from watcher.cli import CommandFailed
 from watcher.config import Config
 from watcher.jobs import (
@@ -56,12 +57,8 @@ WAITING_CODES = ("disk_full", "disk_error")
 log = structlog.get_logger()
 
 
-class JobError(Exception):
-    def __init__(self, code: str, message: str, line: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.line = line
+class JobError(CodedError):
+    """The job cannot run; it is delivered as failed with this error."""
 
 
 class DiskTrouble(CommandFailed):
@@ -131,6 +128,14 @@ def validate_job(
             "wrong_endpoint",
             f"model {job.model!r} serves {', '.join(served)}, not {job.endpoint}",
         )
+
+
+def check_job(job: Job, config: Config, ticket_model: str | None = None) -> None:
+    """Validate a claimed job; what makes it fail is recorded in `job.errors`."""
+    try:
+        validate_job(job, config, ticket_model)
+    except JobError as error:
+        fail_job(job, error.code, error.message, error.line)
 
 
 def job_shape(job: Job, hardware: str | None = None) -> JobShape:

@@ -45,12 +45,11 @@ from watcher.engines import EnginePool
 from watcher.execute import (
     INPUT,
     DiskTrouble,
-    JobError,
     RunHooks,
+    check_job,
     estimate_job,
     execute_job,
     finish_job,
-    validate_job,
 )
 from watcher.inbox import Candidate, classify, scan_inbox, start_observer
 from watcher.jobqueue import JobQueue, Planned, plan_queue
@@ -811,10 +810,7 @@ def revalidate(job: Job, config: Config) -> None:
         job.has_ticket = True
         job.priority, job.metadata, job.defaults = ticket.priority, ticket.metadata, ticket.defaults
         ticket_model = ticket.model
-    try:
-        validate_job(job, config, ticket_model)
-    except JobError as error:
-        fail_job(job, error.code, error.message, error.line)
+    check_job(job, config, ticket_model)
 
 
 def queue_basis(job: Job, plan) -> str:

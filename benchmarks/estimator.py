@@ -1,37 +1,68 @@
 """Turning benchmark history into an estimate of how long a job will run.
 
-The time model follows how vLLM runs a batch. Each engine step costs a fixed part plus a
-part per sequence in the batch, and prefill costs per prompt token, so a job's run time is
+The time model follows how vLLM runs a batch. Each engine step decodes one token of every
+request in the batch, at a cost per token and a fixed cost per step, and prefill costs per
+prompt token, so a job's run time is
 
-    seconds = per_token * C + per_step * C / concurrency + per_prompt_token * P
+    seconds = per_token * C + per_step * S + per_prompt_token * P
 
-where C is the completion tokens, P the prompt tokens and concurrency the number of
-requests decoded together (the job's requests, at most the engine's batch size). The three
-coefficients are fitted by non-negative least squares on the relative error over the recent
-jobs of the same model and endpoint on this machine; with fewer than three jobs the fit
-keeps the ratio between them from cautious defaults and only scales their sum.
+where C is the completion tokens, P the prompt tokens and S the engine steps. The steps are
+counted by replaying the batch: B slots (the job's requests, at most the engine's
+`max_num_seqs`, the runner's `max_in_flight`, and what the KV cache holds, in whole blocks),
+each request taking the first free slot for as long as its answer runs. So a job whose
+requests all fit in one batch takes as many steps as its longest answer, and the last
+answers, decoded nearly alone, cost steps rather than tokens. The three coefficients are
+fitted by non-negative least squares on the relative error over the recent jobs of the same
+model and endpoint on this machine; with fewer than three jobs the fit keeps the ratio
+between them from cautious defaults and only scales their sum. With no job at all the
+defaults stand: about 30 generated tokens a second, slow enough for a busy two-core CPU,
+so that a first estimate errs late.
+
+Prompt tokens are the prompt characters times tokens per character, plus what the chat
+template adds to each request, both fitted to the history (four characters a token and 32
+tokens a chat request until it says otherwise).
 
 Completion tokens are unknown before the run. Each earlier job keeps a sample of its
 requests' completion lengths, with each request's `max_tokens` and whether it stopped by
 itself or was cut off. A Kaplan-Meier estimate over those samples (cut-off requests are
-censored, not short) gives the expected length of a request under any `max_tokens`.
+censored, not short) gives the expected length of a request under any `max_tokens`, and
+the evenly spread lengths that the replay of the batch uses. The samples of jobs most like
+this one count most: each weighs exp(-d/2), d the squared log2 ratios of the prompt
+characters per request and of the `max_tokens` (Beran's kernel-weighted Kaplan-Meier), so
+a history of one-word labels does not shorten the forecast for a file of essays.
+
+While a job runs, `refine` measures its pace, the seconds per unit of modelled work done
+(from the engine's own token counters, and the steps the replay says made those tokens),
+and expects the work left at that pace. Until a quarter of the predicted work is done the
+model's own pace weighs as much as the measured one: early on the job has done little but
+prefill and start-up, which says little about the decoding to come.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import math
+import random
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+CHAT = "/v1/chat/completions"
+EMBEDDINGS = "/v1/embeddings"
 CHARS_PER_TOKEN = 4.0  # until history says otherwise
+CHAT_TEMPLATE_TOKENS = 32.0  # what a chat template adds to each request, until history says
 RECENT = 20
 DEFAULT_CONCURRENCY = 256
-# Cautious defaults for a model never run here: about 20 generated tokens a second alone.
-COLD = (0.005, 0.05, 0.0005)  # per_token, per_step, per_prompt_token
+# Cautious defaults for a model never run here: about 30 generated tokens a second in a
+# batch, 3 alone, 65 prompt tokens a second. Their ratios are those measured for a small
+# model on a two-core CPU, so that one or two calibrating jobs only need to fix the scale.
+COLD = (0.03, 0.3, 0.015)  # per token, per step, per prompt token
 COLD_COMPLETION_TOKENS = 256
 COLD_LOAD_SECONDS = 60.0
+SIMULATED = 2048  # requests replayed at most; a larger job is replayed at scale
+PRIOR_SHARE = 0.25  # the model's pace counts as much as the job's own until this much is done
 
 
 @dataclass(frozen=True)
@@ -55,6 +86,9 @@ class Estimate:
     completion_tokens: float
     coefficients: tuple[float, float, float] = COLD
     concurrency: int = DEFAULT_CONCURRENCY
+    steps: float = 0.0
+    # the replayed job's [share of its completion tokens, share of its steps], by tenths
+    progress: list[list[float]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -63,8 +97,10 @@ class Estimate:
             "jobs": self.jobs,
             "prompt_tokens": round(self.prompt_tokens),
             "completion_tokens": round(self.completion_tokens),
+            "steps": round(self.steps, 1),
             "coefficients": list(self.coefficients),
             "concurrency": self.concurrency,
+            "progress": [[round(a, 3), round(b, 3)] for a, b in self.progress],
         }
 
 
@@ -89,24 +125,52 @@ def matching(history: Iterable[dict[str, Any]], shape: JobShape) -> list[dict[st
 # -- completion lengths ------------------------------------------------------------------
 
 
-def survival_curve(samples: Sequence[Sequence[Any]]) -> list[tuple[int, float]]:
+def survival_curve(
+    samples: Sequence[Sequence[Any]], weights: Sequence[float] | None = None
+) -> list[tuple[int, float]]:
     """Kaplan-Meier: [(t, P(length > t))] at each length where some request stopped.
 
     A sample is (max_tokens, tokens, stopped); a request cut off at max_tokens is censored.
+    With `weights`, each sample counts that much (Beran's kernel-weighted Kaplan-Meier).
     """
-    events: dict[int, list[int]] = {}
-    for _, tokens, stopped in samples:
-        counts = events.setdefault(int(tokens), [0, 0])
-        counts[0 if stopped else 1] += 1
-    at_risk = len(samples)
+    events: dict[int, list[float]] = {}
+    for index, (_, tokens, stopped) in enumerate(samples):
+        counts = events.setdefault(int(tokens), [0.0, 0.0])
+        counts[0 if stopped else 1] += 1.0 if weights is None else weights[index]
+    at_risk = float(len(samples)) if weights is None else float(sum(weights))
     survival, curve = 1.0, []
     for tokens in sorted(events):
         stopped, censored = events[tokens]
-        if stopped and at_risk:
-            survival *= 1 - stopped / at_risk
+        if stopped and at_risk > 1e-12:
+            survival *= max(1 - stopped / at_risk, 0.0)
             curve.append((tokens, survival))
         at_risk -= stopped + censored
     return curve
+
+
+def length_curves(
+    records: list[dict[str, Any]], shape: JobShape, caps: Iterable[int]
+) -> dict[int, list[tuple[int, float]]]:
+    """A survival curve for each of the job's caps, from the earlier jobs' samples, each
+    weighted by how alike it is: a factor of two in prompt characters per request, or in
+    max_tokens, weighs exp(-1/2); ten, nearly nothing. Jobs of one kind thus predict their
+    kind, and a job of labels does not shorten the forecast for a job of essays."""
+    chars = shape.prompt_chars / max(shape.requests, 1)
+    samples, likeness = [], []
+    for record in records:
+        counts = record.get("request_counts") or {}
+        total = counts.get("total") or counts.get("completed") or 1
+        distance = math.log2((record.get("prompt_chars", 0) / total + 1) / (chars + 1)) ** 2
+        for sample in record.get("completion_samples") or []:
+            samples.append(sample)
+            likeness.append((distance, max(int(sample[0] or 1), 1)))
+    return {
+        cap: survival_curve(
+            samples,
+            [math.exp(-0.5 * (d + math.log2(c / cap) ** 2)) for d, c in likeness],
+        )
+        for cap in caps
+    }
 
 
 def expected_length(curve: list[tuple[int, float]], cap: int) -> float:
@@ -120,44 +184,152 @@ def expected_length(curve: list[tuple[int, float]], cap: int) -> float:
     return area + (cap - previous_t) * previous_s
 
 
-def predict_completion(shape: JobShape, records: list[dict[str, Any]]) -> float:
-    if shape.endpoint == "/v1/embeddings":
-        return 0.0
-    samples = [sample for record in records for sample in record.get("completion_samples", [])]
-    caps = shape.max_tokens or {None: shape.requests}
-    if not samples:
-        return sum(
-            count * min(cap or shape.max_model_len, COLD_COMPLETION_TOKENS)
-            for cap, count in caps.items()
-        )
-    curve = survival_curve(samples)
-    return sum(
-        count * expected_length(curve, cap or shape.max_model_len) for cap, count in caps.items()
-    )
+def length_at(curve: list[tuple[int, float]], share: float) -> float:
+    """The length by which `share` of the answers have stopped: the first t with
+    P(L > t) <= 1 - share; infinite when the curve never gets that low."""
+    for tokens, survival in curve:
+        if survival <= 1.0 - share + 1e-12:
+            return float(tokens)
+    return math.inf
+
+
+def planned_lengths(curves: dict[int, list[tuple[int, float]]], caps: dict[int, int]):
+    """One answer length per request (at most SIMULATED of them, in proportion): evenly
+    spread quantiles of the lengths under each request's cap."""
+    scale = min(1.0, SIMULATED / max(sum(caps.values()), 1))
+    lengths = []
+    for cap, count in caps.items():
+        kept = max(1, round(count * scale))
+        lengths += [min(cap, length_at(curves[cap], (i + 0.5) / kept)) for i in range(kept)]
+    return lengths
+
+
+def _caps(shape: JobShape, cold: bool) -> dict[int, int]:
+    caps: dict[int, int] = {}
+    for cap, count in (shape.max_tokens or {None: shape.requests}).items():
+        value = cap or shape.max_model_len
+        if cold:
+            value = min(value, COLD_COMPLETION_TOKENS)
+        caps[value] = caps.get(value, 0) + count
+    return caps
+
+
+# -- steps: the batch replayed -----------------------------------------------------------
+
+
+def concurrency_of(
+    requests: int, record: dict[str, Any] | None = None, tokens_per_request: float = 0.0
+) -> int:
+    """Requests decoded together: the job's, at most the engine's batch, the runner's
+    in-flight limit, and what fits in the KV cache (each request holds its prompt and its
+    answer, in whole blocks: 128 tokens on a CPU, 16 on a GPU unless the record says)."""
+    record = record or {}
+    settings = record.get("engine_settings") or {}
+    batch = settings.get("max_num_seqs") or DEFAULT_CONCURRENCY
+    in_flight = settings.get("max_in_flight") or batch
+    limit = min(requests, int(batch), int(in_flight))
+    cache = settings.get("kv_cache_tokens")
+    if cache and tokens_per_request > 0:
+        on_cpu = str(record.get("hardware") or "").startswith("CPU")
+        block = settings.get("kv_block_size") or (128 if on_cpu else 16)
+        limit = min(limit, int(cache // (block * math.ceil(tokens_per_request / block))))
+    return max(1, limit)
+
+
+def replay(lengths: list[float], concurrency: int, requests: int) -> tuple[float, list]:
+    """Continuous batching replayed: each request, in a fixed shuffled order, takes the first
+    free of `concurrency` slots for its length. Returns the steps, and the progress as the
+    share of the steps done at each tenth of the completion tokens.
+
+    A job with more than SIMULATED requests is replayed with fewer in the same ratio to the
+    batch, which keeps its steps and the shape of its progress."""
+    if not lengths:
+        return 0.0, []
+    order = list(lengths)
+    random.Random(0).shuffle(order)
+    slots = [0.0] * max(1, min(round(concurrency * len(order) / max(requests, 1)), len(order)))
+    changes: dict[float, int] = {}
+    for length in order:
+        start = heapq.heappop(slots)
+        heapq.heappush(slots, start + length)
+        changes[start] = changes.get(start, 0) + 1
+        changes[start + length] = changes.get(start + length, 0) - 1
+    running, tokens, previous, curve = 0, 0.0, 0.0, [(0.0, 0.0)]
+    for step in sorted(changes):
+        tokens += running * (step - previous)
+        running += changes[step]
+        previous = step
+        curve.append((tokens, step))
+    total_tokens, steps = curve[-1]
+    if steps <= 0:
+        return 0.0, []
+    progress = []
+    for tenth in range(1, 11):
+        target = total_tokens * tenth / 10
+        for (tokens_a, steps_a), (tokens_b, steps_b) in zip(curve, curve[1:]):
+            if tokens_b >= target - 1e-9:
+                share = (target - tokens_a) / (tokens_b - tokens_a) if tokens_b > tokens_a else 1
+                progress.append([tenth / 10, (steps_a + share * (steps_b - steps_a)) / steps])
+                break
+    return steps, [[0.0, 0.0], *progress]
+
+
+def sample_lengths(record: dict[str, Any], requests: int) -> list[float]:
+    """A finished job's answer lengths, one per request (at most SIMULATED), from its sample."""
+    lengths = sorted(float(tokens) for _, tokens, _ in record.get("completion_samples") or [])
+    if not lengths:
+        mean = record.get("completion_tokens", 0) / max(requests, 1)
+        return [mean] * min(requests, SIMULATED)
+    kept = min(requests, SIMULATED)
+    return [lengths[int((i + 0.5) * len(lengths) / kept)] for i in range(kept)]
+
+
+def record_features(record: dict[str, Any]) -> tuple[float, float, float]:
+    """(C, S, P) of a finished job, its steps replayed from its own answers' lengths."""
+    requests = record["request_counts"].get("completed", 0)
+    completion = float(record.get("completion_tokens", 0))
+    prompt = float(record.get("prompt_tokens", 0))
+    concurrency = concurrency_of(requests, record, (prompt + completion) / max(requests, 1))
+    if completion <= 0:
+        return 0.0, requests / concurrency, prompt  # pooling: one slot of a step a request
+    steps, _ = replay(sample_lengths(record, requests), concurrency, requests)
+    return completion, steps, prompt
 
 
 # -- the time model -----------------------------------------------------------------------
 
 
-def features(completion: float, prompt: float, concurrency: float) -> tuple[float, float, float]:
-    return (completion, completion / max(concurrency, 1.0), prompt)
+def model_seconds(coefficients: Sequence[float], features: Sequence[float]) -> float:
+    return sum(c * f for c, f in zip(coefficients, features))
 
 
-def concurrency_of(requests: int, record: dict[str, Any] | None = None) -> int:
-    settings = (record or {}).get("engine_settings") or {}
-    batch = settings.get("max_num_seqs") or DEFAULT_CONCURRENCY
-    in_flight = settings.get("max_in_flight") or batch
-    return max(1, min(requests, int(batch), int(in_flight)))
+def nonnegative_fit(rows: list[tuple[float, ...]]) -> tuple[float, ...] | None:
+    """Non-negative least squares of sum(c * row) = 1, by trying every set of active terms."""
+    width = len(rows[0]) if rows else 0
+    best, best_error = None, math.inf
+    for size in range(1, width + 1):
+        for active in itertools.combinations(range(width), size):
+            solution = _solve(rows, active)
+            if solution is None or min(solution) < 0:
+                continue
+            coefficients = [0.0] * width
+            for index, value in zip(active, solution):
+                coefficients[index] = value
+            error = sum((model_seconds(coefficients, row) - 1.0) ** 2 for row in rows)
+            if error < best_error - 1e-12:
+                best, best_error = tuple(coefficients), error
+    return best
 
 
-def _solve(rows: list[tuple[float, ...]], targets: list[float], active: tuple[int, ...]):
-    """Least squares over the `active` columns (normal equations; three columns at most)."""
+def _solve(rows: list[tuple[float, ...]], active: tuple[int, ...]) -> list[float] | None:
+    """Least squares of sum(c * row[active]) = 1 (normal equations; three columns at most)."""
     size = len(active)
     matrix = [[sum(r[i] * r[j] for r in rows) for j in active] for i in active]
-    vector = [sum(r[i] * t for r, t in zip(rows, targets, strict=True)) for i in active]
+    vector = [sum(r[i] for r in rows) for i in active]
+    scale = max((abs(value) for line in matrix for value in line), default=0.0)
     for column in range(size):  # Gauss-Jordan with partial pivoting
         pivot = max(range(column, size), key=lambda row: abs(matrix[row][column]))
-        if abs(matrix[pivot][column]) < 1e-18:
+        if abs(matrix[pivot][column]) <= 1e-12 * scale:
             return None
         matrix[column], matrix[pivot] = matrix[pivot], matrix[column]
         vector[column], vector[pivot] = vector[pivot], vector[column]
@@ -170,63 +342,79 @@ def _solve(rows: list[tuple[float, ...]], targets: list[float], active: tuple[in
 
 
 def fit_coefficients(records: list[dict[str, Any]]) -> tuple[float, float, float]:
-    """Non-negative least squares of relative error, by trying every set of active terms."""
-    rows, targets = [], []
+    """The time model's coefficients, fitted on the relative error of each record's time."""
+    rows = []
     for record in records:
         seconds = record["run_seconds"]
-        requests = record["request_counts"].get("completed", 0)
-        row = features(
-            record.get("completion_tokens", 0),
-            record.get("prompt_tokens", 0),
-            concurrency_of(requests, record),
-        )
-        rows.append(tuple(value / seconds for value in row))
-        targets.append(1.0)
+        rows.append(tuple(value / seconds for value in record_features(record)))
     if len(records) < 3:
         # Too few jobs to tell the terms apart: keep the cautious shape, fit only its scale.
-        scale = statistics.median(
-            1.0 / max(sum(c * f for c, f in zip(COLD, row)), 1e-12) for row in rows
-        )
+        scale = statistics.median(1.0 / max(model_seconds(COLD, row), 1e-12) for row in rows)
         return tuple(scale * c for c in COLD)  # type: ignore[return-value]
-    best, best_error = COLD, float("inf")
-    for size in (1, 2, 3):
-        for active in itertools.combinations(range(3), size):
-            solution = _solve(rows, targets, active)
-            if solution is None or min(solution) < 0:
-                continue
-            coefficients = [0.0, 0.0, 0.0]
-            for index, value in zip(active, solution):
-                coefficients[index] = value
-            error = sum((sum(c * f for c, f in zip(coefficients, row)) - 1.0) ** 2 for row in rows)
-            if error < best_error - 1e-12:
-                best, best_error = tuple(coefficients), error
-    return best  # type: ignore[return-value]
+    return nonnegative_fit(rows) or COLD  # type: ignore[return-value]
 
 
-def model_seconds(
-    coefficients: Sequence[float], completion: float, prompt: float, concurrency: float
-) -> float:
-    return sum(c * f for c, f in zip(coefficients, features(completion, prompt, concurrency)))
+# -- prompt tokens ------------------------------------------------------------------------
+
+
+def prompt_model(records: list[dict[str, Any]], endpoint: str | None) -> tuple[float, float]:
+    """(tokens per character, tokens each request adds), from the records' prompts.
+
+    Fitted when the records' prompts differ enough in length to tell the two apart; else
+    four characters a token, and what is left over is the per-request part.
+    """
+    points = []
+    for record in records:
+        completed = record["request_counts"].get("completed", 0)
+        total = record["request_counts"].get("total", 0) or completed
+        if record.get("prompt_chars", 0) > 0 and record.get("prompt_tokens", 0) > 0:
+            points.append((record["prompt_chars"] / total, record["prompt_tokens"] / completed))
+    per_char = 1.0 / CHARS_PER_TOKEN
+    if not points:
+        return per_char, CHAT_TEMPLATE_TOKENS if endpoint == CHAT else 0.0
+    lengths = [chars for chars, _ in points]
+    if len(points) >= 2 and max(lengths) >= 1.5 * min(lengths):
+        fitted = nonnegative_fit([(chars / tokens, 1.0 / tokens) for chars, tokens in points])
+        if fitted is not None and fitted[0] > 0:
+            return fitted[0], fitted[1]
+    extra = statistics.median(tokens - chars * per_char for chars, tokens in points)
+    if extra < 0:  # denser text than four characters a token
+        return statistics.median(tokens / chars for chars, tokens in points), 0.0
+    return per_char, extra
+
+
+# -- the estimate -------------------------------------------------------------------------
 
 
 def estimate_run(shape: JobShape, history: Iterable[dict[str, Any]]) -> Estimate:
     records = matching(history, shape)
     if records:
-        chars = sum(record.get("prompt_chars", 0) for record in records)
-        tokens = sum(record.get("prompt_tokens", 0) for record in records)
-        chars_per_token = chars / tokens if chars and tokens else CHARS_PER_TOKEN
         coefficients = fit_coefficients(records)
         plural = "s" if len(records) != 1 else ""
         basis = f"{len(records)} earlier job{plural} of {shape.model} on this machine"
     else:
-        chars_per_token = CHARS_PER_TOKEN
         coefficients = COLD
         basis = f"no earlier jobs of {shape.model} on this machine: a cautious first guess"
-    prompt = shape.prompt_chars / max(chars_per_token, 0.5)
-    completion = predict_completion(shape, records)
-    concurrency = concurrency_of(shape.requests, records[-1] if records else None)
-    seconds = model_seconds(coefficients, completion, prompt, concurrency)
-    return Estimate(seconds, basis, len(records), prompt, completion, coefficients, concurrency)
+    per_char, per_request = prompt_model(records, shape.endpoint)
+    prompt = shape.prompt_chars * per_char + shape.requests * per_request
+    sampled = any(record.get("completion_samples") for record in records)
+    caps = _caps(shape, cold=not sampled)
+    curves = length_curves(records, shape, caps)
+    requests = max(shape.requests, 1)
+    if shape.endpoint == EMBEDDINGS:
+        completion, progress = 0.0, []
+        concurrency = concurrency_of(requests, records[-1] if records else None, prompt / requests)
+        steps = requests / concurrency
+    else:
+        completion = sum(count * expected_length(curves[cap], cap) for cap, count in caps.items())
+        concurrency = concurrency_of(
+            requests, records[-1] if records else None, (prompt + completion) / requests
+        )
+        steps, progress = replay(planned_lengths(curves, caps), concurrency, requests)
+    seconds = model_seconds(coefficients, (completion, steps, prompt))
+    return Estimate(
+        seconds, basis, len(records), prompt, completion, coefficients, concurrency, steps, progress
+    )
 
 
 # -- while a job runs ---------------------------------------------------------------------
@@ -236,6 +424,24 @@ def estimate_run(shape: JobShape, history: Iterable[dict[str, Any]]) -> Estimate
 class Refined:
     seconds_left: float
     overrun: bool
+
+
+def steps_done(estimate: dict[str, Any], completion_done: float) -> float:
+    """The engine steps behind the completion tokens done so far, from the replayed job's
+    progress: early on the batch is full and each step makes many tokens, near the end few."""
+    completion = float(estimate.get("completion_tokens", 0))
+    steps = float(estimate.get("steps") or 0.0)
+    progress = estimate.get("progress") or [[0.0, 0.0], [1.0, 1.0]]
+    if completion <= 0 or steps <= 0:
+        return 0.0
+    share = completion_done / completion
+    if share >= 1.0:  # past the prediction: at the job's mean tokens a step
+        return steps + (completion_done - completion) / max(completion / steps, 1.0)
+    for (tokens_a, steps_a), (tokens_b, steps_b) in zip(progress, progress[1:]):
+        if share <= tokens_b:
+            within = (share - tokens_a) / (tokens_b - tokens_a) if tokens_b > tokens_a else 1.0
+            return steps * (steps_a + within * (steps_b - steps_a))
+    return steps
 
 
 def refine(
@@ -249,25 +455,40 @@ def refine(
     """The time left, from the work the engine has actually done so far.
 
     The engine's token counters include requests still in flight, so the pace is not biased
-    towards the short requests that finish first. The pace corrects the model's speed;
-    what is left is the predicted work less the work done. When the job has already done
-    more work than predicted, the rest is expected at this job's own tokens per request.
+    towards the short requests that finish first. Work is the time model's: the tokens done,
+    and the steps that made them, read off the replayed job's progress (so the tail, where
+    the batch empties and each step makes few tokens, is in what is left); what is left is
+    the predicted work less that, at the pace measured so far. When the job has already
+    generated more than predicted, the requests left are expected to run as long as the
+    ones so far (those in flight counted half done).
     """
     requests_left = max(requests_total - requests_done, 0)
     if requests_left == 0:
         return Refined(0.0, False)
     coefficients = estimate.get("coefficients") or COLD
-    concurrency = estimate.get("concurrency") or DEFAULT_CONCURRENCY
-    done = model_seconds(coefficients, completion_done, prompt_done, concurrency)
-    speed = elapsed / done if done > 0 and elapsed > 0 else 1.0
-    left_prompt = max(float(estimate.get("prompt_tokens", 0)) - prompt_done, 0.0)
-    left_completion = float(estimate.get("completion_tokens", 0)) - completion_done
-    overrun = left_completion <= 0 and completion_done > 0
+    batch = max(float(estimate.get("concurrency") or DEFAULT_CONCURRENCY), 1.0)
+    completion = float(estimate.get("completion_tokens", 0))
+    prompt = float(estimate.get("prompt_tokens", 0))
+    steps = float(estimate.get("steps") or completion / batch)
+    done_steps = steps_done({**estimate, "steps": steps}, completion_done)
+    overrun = completion_done >= completion and completion_done > 0
     if overrun:
-        left_completion = completion_done / max(requests_done, 1) * requests_left
-    left = speed * model_seconds(coefficients, max(left_completion, 0.0), left_prompt, concurrency)
+        in_flight = min(batch, requests_left)
+        per_request = completion_done / (requests_done + in_flight / 2)
+        completion = completion_done + per_request * (requests_left - in_flight / 2)
+        steps = done_steps + per_request * max(requests_left / batch, 1.0)
+    done = model_seconds(coefficients, (completion_done, done_steps, prompt_done))
+    total = model_seconds(coefficients, (completion, steps, prompt))
+    # The pace measured so far, leaning on the model's own (1) while little work is done.
+    prior = max(PRIOR_SHARE * total, 0.1)
+    pace = (max(elapsed, 0.0) + prior) / (done + prior)
+    left = (
+        max(completion - completion_done, 0.0),
+        min(max(steps - done_steps, 0.0), max(completion - completion_done, 0.0)),
+        max(prompt - prompt_done, 0.0),
+    )
     # Requests are left, so the end is never now or in the past.
-    return Refined(max(left, 1.0), overrun)
+    return Refined(max(pace * model_seconds(coefficients, left), 1.0), overrun)
 
 
 def load_seconds_for(model: str, history: Iterable[dict[str, Any]]) -> float:

@@ -457,6 +457,7 @@ def engine_settings(config: Any) -> dict[str, Any]:
         "gpu_memory_utilization": cache.gpu_memory_utilization,
         "kv_cache_dtype": cache.cache_dtype,
         "kv_cache_tokens": blocks * cache.block_size if blocks else None,
+        "kv_block_size": cache.block_size,
         "enable_prefix_caching": cache.enable_prefix_caching,
         "enforce_eager": model.enforce_eager,
         "quantization": model.quantization,

@@ -115,3 +115,27 @@ def assert_every_line_once(input_path: Path, out_folder: Path) -> tuple[list, li
     missing = sorted(set(lines) - set(result_lines) - set(error_lines))
     assert not missing, f"lines in neither results nor errors: {missing}"
     return results, errors
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def shipped_config(folder: Path, **overrides: Any) -> Path:
+    """The shipped config.yaml, with its folders in `folder`, its model paths absolute, the
+    shipped models prepared, and `overrides` applied: real vLLM with the real small models."""
+    import os
+
+    import yaml
+
+    from runner.convert import prepare_models
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    prepare_models(ROOT / "models")
+    data = yaml.safe_load((ROOT / "config.yaml").read_text())
+    data.update(inbox="inbox", outbox="outbox", state="state", **overrides)
+    for model in data["models"].values():
+        if "path" in model:
+            model["path"] = str(ROOT / model["path"])
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import random
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 from crashkit import (
     Dropped,
     Figures,
@@ -33,7 +30,7 @@ from crashkit import (
     requests_run,
     start_server,
 )
-from helpers import chat_line, write_jsonl
+from helpers import chat_line, shipped_config, write_jsonl
 from servicekit import Server, status_of, wait_for, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -286,29 +283,15 @@ def test_after_a_kill_9_the_jobs_carry_on_in_their_original_order(tmp_path: Path
 
 
 @pytest.fixture
-def vllm_config(tmp_path: Path) -> Iterator[Path]:
-    """The shipped config with its folders in tmp_path and its model paths absolute."""
-    from runner.convert import prepare_models
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    prepare_models(ROOT / "models")
-    data = yaml.safe_load((ROOT / "config.yaml").read_text())
-    data.update(
-        inbox="inbox",
-        outbox="outbox",
-        state="state",
+def vllm_config(tmp_path: Path) -> Path:
+    return shipped_config(
+        tmp_path,
         settle_seconds=0.5,
         rescan_seconds=1,
         stop_timeout_seconds=20,
         min_free_bytes=0,
         max_in_flight=8,  # requests go in a few at a time, so a kill falls between results
     )
-    for model in data["models"].values():
-        if "path" in model:
-            model["path"] = str(ROOT / model["path"])
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(data))
-    yield path
 
 
 @pytest.mark.vllm

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -17,17 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from helpers import (
     assert_every_line_once,
     chat_line,
     completion_line,
     embedding_line,
     read_jsonl,
+    shipped_config,
     write_jsonl,
 )
-
-from runner.convert import prepare_models
 
 pytestmark = [
     pytest.mark.vllm,
@@ -45,24 +42,9 @@ NAME_SCHEMA = {
 COLORS = {"red", "blue", "green", "yellow", "orange", "purple", "black", "white", "pink"}
 
 
-@pytest.fixture(scope="session")
-def shipped_models() -> Path:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    prepare_models(ROOT / "models")
-    return ROOT / "models"
-
-
 @pytest.fixture
-def config(tmp_path: Path, shipped_models: Path) -> Path:
-    """The shipped config.yaml, with its folders in tmp_path and its model paths absolute."""
-    data = yaml.safe_load((ROOT / "config.yaml").read_text())
-    data.update(inbox="inbox", outbox="outbox", state="state", settle_seconds=1, rescan_seconds=2)
-    for model in data["models"].values():
-        if "path" in model:
-            model["path"] = str(ROOT / model["path"])
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+def config(tmp_path: Path) -> Path:
+    return shipped_config(tmp_path, settle_seconds=1, rescan_seconds=2)
 
 
 def run(config: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:

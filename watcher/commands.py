@@ -35,6 +35,12 @@ from watcher.tickets import TicketError, find_ticket, load_ticket
 log = structlog.get_logger()
 
 
+def _known_model(config: Config, alias: str | None, required: bool = False) -> None:
+    """A model named on the command line must be a configured alias (bad arguments: 2)."""
+    if (alias is not None or required) and alias not in config.models:
+        raise UsageError(f"model {alias!r} is not configured ({', '.join(config.models)})")
+
+
 def _input_file(name: str) -> Path:
     path = Path(name)
     if not path.is_file():
@@ -128,8 +134,7 @@ def _unfinished_run(config: Config, path: Path) -> Job | None:
 def run_file(args: argparse.Namespace, config: Config) -> int:
     configure_logging(sys.stderr)
     path = _input_file(args.file)
-    if args.model is not None and args.model not in config.models:
-        raise UsageError(f"model {args.model!r} is not configured ({', '.join(config.models)})")
+    _known_model(config, args.model)
     outbox = Path(args.output).resolve() if args.output else config.folder("outbox")
     outbox.mkdir(parents=True, exist_ok=True)
     job = _unfinished_run(config, path)
@@ -256,8 +261,7 @@ def print_status(report: dict) -> None:
 
 def estimate(args: argparse.Namespace, config: Config) -> int:
     path = _input_file(args.file)
-    if args.model is not None and args.model not in config.models:
-        raise UsageError(f"model {args.model!r} is not configured ({', '.join(config.models)})")
+    _known_model(config, args.model)
     job = Job(id="estimate", stem=path.stem, subdir="", work=path.parent, sidecar_dir=None)
     inbox = config.folder("inbox")
     if path.resolve().parent.parent == inbox:
@@ -302,8 +306,7 @@ def bench(args: argparse.Namespace, config: Config) -> int:
     import tempfile
 
     configure_logging(sys.stderr)
-    if args.model not in config.models:
-        raise UsageError(f"model {args.model!r} is not configured ({', '.join(config.models)})")
+    _known_model(config, args.model, required=True)
     state = config.folder("state")
     # A throwaway outbox inside state/: the record goes to the history, the folder away.
     outbox = state / "bench"

@@ -28,7 +28,7 @@ from runner.durable import (
     write_json_atomic,
 )
 from runner.engine import EngineLoadError, ModelSpec
-from runner.journal import CrashBook, Journal
+from runner.journal import CrashBook, Journal, Tally
 from runner.lines import FileRejected
 from runner.run import Progress, RunOptions, fail_remaining, run_lines, scan_file
 from runner.types import CodedError
@@ -170,10 +170,14 @@ class RunTimes:
     samples: list[list] = field(default_factory=list)
 
 
-def _apply_progress(job: Job, progress: Progress, run_started: float) -> None:
-    tally = progress.tally
+def take_tally(job: Job, tally: Tally) -> None:
     job.completed, job.failed = tally.completed, tally.failed
     job.prompt_tokens, job.completion_tokens = tally.prompt_tokens, tally.completion_tokens
+
+
+def _apply_progress(job: Job, progress: Progress, run_started: float) -> None:
+    tally = progress.tally
+    take_tally(job, tally)
     elapsed = time.monotonic() - run_started
     if elapsed > 0:
         job.tokens_per_second = (tally.prompt_tokens + tally.completion_tokens) / elapsed
@@ -332,10 +336,9 @@ def finish_job(
         job.defaults,
         job.endpoint,
     )
-    job.completed, job.failed = tally.completed, tally.failed
+    take_tally(job, tally)
     # A file that failed before it was counted: what fail_remaining saw is its size.
     job.total = max(job.total, tally.completed + tally.failed)
-    job.prompt_tokens, job.completion_tokens = tally.prompt_tokens, tally.completion_tokens
     target = pick_outbox_folder(outbox, job.subdir, job.stem)
     job.outbox = str(target.relative_to(outbox)) if target.is_relative_to(outbox) else str(target)
     record = benchmark_record(job, config, final, times)

@@ -143,6 +143,31 @@ def test_a_chat_file_with_bad_lines_gets_real_answers_for_the_good_ones(
     assert record["throughput"]["completion_tokens_per_second"] > 0
 
 
+def test_seeded_requests_with_long_prompts_run_without_crashing_the_engine(
+    tmp_path: Path, config: Path
+) -> None:
+    """Ten 700-token prompts overflow one step's prompt budget, so a chunked prefill would
+    split one; vLLM's CPU sampler cannot rewind a seeded generator after such a split and
+    its engine dies. The shipped CPU model turns chunked prefill off for that reason."""
+    passage = "The river runs past the mill and on to the sea. " * 60
+    lines = [
+        # distinct from the first token on, so no prompt shares another's cached prefix
+        chat_line(
+            f"s{index}", f"{index}. Summarize in one line: {passage}", max_tokens=6, seed=index
+        )
+        for index in range(10)
+    ]
+    source = write_jsonl(tmp_path / "seeded.jsonl", lines)
+    result = run(config, "run", str(source))
+    assert result.returncode == 0, result.stderr
+    assert "engine_died" not in result.stderr
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    assert_every_line_once(source, folder)
+    answers = read_jsonl(folder / "results.jsonl")
+    assert len(answers) == 10
+    assert all(a["response"]["body"]["usage"]["prompt_tokens"] > 600 for a in answers)
+
+
 def test_a_completions_file_continues_the_prompts(tmp_path: Path, config: Path) -> None:
     from openai.types import Completion
 

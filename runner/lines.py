@@ -34,6 +34,7 @@ class RawLine:
     number: int  # 1-based, counting every physical line, so users can find it
     data: bytes | None  # None when the line was longer than the limit
     length: int
+    offset: int = 0  # where the line starts in the file
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,35 @@ class LineError:
 
 @dataclass(frozen=True)
 class ParsedLine:
+    """A valid line. Its engine request is built each time it is asked for, so the check
+    before queueing, which needs just the figures below, never builds one."""
+
     line: int
     custom_id: str
     url: str
-    model: str | None
-    request: EngineRequest
-    prompt_chars: int
+    body: Any
+
+    @property
+    def model(self) -> str | None:
+        return self.body.model
+
+    @property
+    def request(self) -> EngineRequest:
+        return to_engine_request(self.custom_id, self.url, self.body)
+
+    @property
+    def prompt_chars(self) -> int:
+        return prompt_chars(self.body)
+
+    @property
+    def max_tokens(self) -> int | None:
+        if isinstance(self.body, EmbeddingBody):
+            return None
+        return getattr(self.body, "max_completion_tokens", None) or self.body.max_tokens
+
+    @property
+    def choices(self) -> int:
+        return 1 if isinstance(self.body, EmbeddingBody) else self.body.n
 
 
 class FileRejected(CodedError):
@@ -61,36 +85,36 @@ class FileRejected(CodedError):
 def read_raw_lines(path: Path, max_line_bytes: int) -> Iterator[RawLine]:
     """Yield the file's non-blank lines; a line over `max_line_bytes` comes without data."""
     number = 0
-    pending = bytearray()
-    overflow = 0  # bytes of the current over-long line seen so far
+    offset = 0
     with open(path, "rb") as handle:
-        while block := handle.read(BLOCK_BYTES):
-            start = 0
-            while (end := block.find(b"\n", start)) != -1:
-                number += 1
-                if overflow:
-                    yield RawLine(number, None, overflow + end - start)
-                    overflow = 0
-                else:
-                    pending += block[start:end]
-                    if len(pending) > max_line_bytes:
-                        yield RawLine(number, None, len(pending))
-                    elif pending.strip():
-                        yield RawLine(number, bytes(pending), len(pending))
-                pending.clear()
-                start = end + 1
-            if overflow:
-                overflow += len(block) - start
+        # readline with a limit never holds more than one allowed line in memory
+        while chunk := handle.readline(max_line_bytes + 1):
+            number += 1
+            start = offset
+            offset += len(chunk)
+            if chunk.endswith(b"\n"):
+                data = chunk[:-1]
+            elif len(chunk) <= max_line_bytes:
+                data = chunk  # the last line, without a newline
             else:
-                pending += block[start:]
-                if len(pending) > max_line_bytes:
-                    overflow = len(pending)
-                    pending.clear()
-        number += 1
-        if overflow:
-            yield RawLine(number, None, overflow)
-        elif pending.strip():
-            yield RawLine(number, bytes(pending), len(pending))
+                length = len(chunk)
+                while not chunk.endswith(b"\n") and (chunk := handle.readline(BLOCK_BYTES)):
+                    length += len(chunk)
+                    offset += len(chunk)
+                yield RawLine(number, None, length - chunk.endswith(b"\n"), start)
+                continue
+            if data.strip():
+                yield RawLine(number, data, len(data), start)
+
+
+def read_line_at(path: Path, offset: int, max_line_bytes: int) -> RawLine:
+    """The line that starts at `offset`, read again (to confirm a custom_id exactly)."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        chunk = handle.readline(max_line_bytes + 1)
+    data = chunk.removesuffix(b"\n")
+    # only the file's first line may carry a byte order mark
+    return RawLine(1 if offset == 0 else 2, data, len(data), offset)
 
 
 def decode_line(raw: RawLine) -> bytes:
@@ -112,9 +136,36 @@ ENVELOPE = msgspec.json.Decoder(dict[str, msgspec.Raw])
 ENVELOPE_KEYS = {"custom_id", "method", "url", "body"}
 
 
+class _Envelope(msgspec.Struct, forbid_unknown_fields=True):
+    custom_id: str
+    method: str
+    url: str
+    body: msgspec.Raw
+
+
+# The usual line decodes in one pass; anything unusual takes the slow path, which words
+# its errors.
+FAST_ENVELOPE = msgspec.json.Decoder(_Envelope)
+
+
 def _field(item: dict[str, msgspec.Raw], key: str) -> Any:
     raw = item.get(key)
     return None if raw is None else msgspec.json.decode(raw)
+
+
+def _fast_envelope(data: bytes) -> _Envelope | None:
+    try:
+        envelope = FAST_ENVELOPE.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if (
+        envelope.custom_id
+        and envelope.method == "POST"
+        and envelope.url in ENDPOINTS
+        and bytes(envelope.body).startswith(b"{")
+    ):
+        return envelope
+    return None
 
 
 def parse_line(
@@ -129,23 +180,16 @@ def parse_line(
             f"the line has {raw.length} bytes, over the limit of {limits.max_line_bytes}",
         )
     data = decode_line(raw)
+    envelope = _fast_envelope(data)
+    if envelope is not None:
+        custom_id, url, body_raw = envelope.custom_id, envelope.url, envelope.body
+    else:
+        checked = _slow_envelope(raw.number, data)
+        if isinstance(checked, LineError):
+            return checked
+        custom_id, url, body_raw = checked
     try:
-        item = ENVELOPE.decode(data)
-        custom_id = _field(item, "custom_id")
-    except msgspec.ValidationError:
-        return LineError(raw.number, None, "invalid_json", "the line is not a JSON object")
-    except msgspec.DecodeError as error:
-        return LineError(raw.number, None, "invalid_json", f"the line is not valid JSON: {error}")
-    except RecursionError:
-        return LineError(raw.number, None, "invalid_json", "the line's JSON is nested too deeply")
-    if not isinstance(custom_id, str) or not custom_id:
-        return LineError(raw.number, None, "missing_custom_id", "the line has no custom_id string")
-    problem = _envelope_problem(item)
-    if problem:
-        return LineError(raw.number, custom_id, *problem)
-    url = _field(item, "url")
-    try:
-        body = _decode_body(url, item["body"], defaults)
+        body = _decode_body(url, body_raw, defaults)
     except msgspec.ValidationError as error:
         return LineError(raw.number, custom_id, *_describe(str(error)))
     except RecursionError:
@@ -155,8 +199,25 @@ def parse_line(
     limit_problem = _limit_problem(body, limits)
     if limit_problem:
         return LineError(raw.number, custom_id, "limit_exceeded", limit_problem)
-    request, prompt_chars = to_engine_request(custom_id, url, body)
-    return ParsedLine(raw.number, custom_id, url, body.model, request, prompt_chars)
+    return ParsedLine(raw.number, custom_id, url, body)
+
+
+def _slow_envelope(number: int, data: bytes) -> tuple[str, str, msgspec.Raw] | LineError:
+    try:
+        item = ENVELOPE.decode(data)
+        custom_id = _field(item, "custom_id")
+    except msgspec.ValidationError:
+        return LineError(number, None, "invalid_json", "the line is not a JSON object")
+    except msgspec.DecodeError as error:
+        return LineError(number, None, "invalid_json", f"the line is not valid JSON: {error}")
+    except RecursionError:
+        return LineError(number, None, "invalid_json", "the line's JSON is nested too deeply")
+    if not isinstance(custom_id, str) or not custom_id:
+        return LineError(number, None, "missing_custom_id", "the line has no custom_id string")
+    problem = _envelope_problem(item)
+    if problem:
+        return LineError(number, custom_id, *problem)
+    return custom_id, _field(item, "url"), item["body"]
 
 
 def _decode_body(url: str, raw: msgspec.Raw, defaults: dict[str, Any] | None) -> Any:
@@ -235,13 +296,11 @@ SAMPLING_KEYS = (
 )
 
 
-def to_engine_request(custom_id: str, url: str, body: Any) -> tuple[EngineRequest, int]:
-    """Map a validated body onto an engine request and the size of its prompt in characters."""
+def to_engine_request(custom_id: str, url: str, body: Any) -> EngineRequest:
+    """Map a validated body onto an engine request."""
     if isinstance(body, EmbeddingBody):
-        inputs = body.inputs()
-        chars = sum(len(item) if isinstance(item, str) else 4 * len(item) for item in inputs)
         reply = {"encoding_format": body.encoding_format}
-        return EngineRequest(custom_id, url, list(inputs), reply_options=reply), chars
+        return EngineRequest(custom_id, url, list(body.inputs()), reply_options=reply)
     sampling: dict[str, Any] = {
         key: value for key in SAMPLING_KEYS if (value := getattr(body, key)) is not None
     }
@@ -253,19 +312,26 @@ def to_engine_request(custom_id: str, url: str, body: Any) -> tuple[EngineReques
         if body.logprobs:
             sampling["logprobs"] = body.top_logprobs or 0
         prompt: Any = msgspec.to_builtins(body.messages)
-        chars = sum(_content_chars(message.get("content")) for message in prompt)
     else:
         assert isinstance(body, CompletionBody)
         if body.logprobs is not None:
             sampling["logprobs"] = body.logprobs
         prompt = body.prompt
-        chars = len(prompt) if isinstance(prompt, str) else 4 * len(prompt)
-    return EngineRequest(custom_id, url, prompt, sampling, response_format), chars
+    return EngineRequest(custom_id, url, prompt, sampling, response_format)
 
 
-def _content_chars(content: Any) -> int:
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        return sum(len(part.get("text", "")) for part in content)
-    return 0
+def prompt_chars(body: Any) -> int:
+    """The size of a validated body's prompt in characters (token ids count 4 each)."""
+    if isinstance(body, EmbeddingBody):
+        return sum(len(item) if isinstance(item, str) else 4 * len(item) for item in body.inputs())
+    if isinstance(body, ChatBody):
+        total = 0
+        for message in body.messages:
+            content = message.content
+            if isinstance(content, str):
+                total += len(content)
+            elif content:
+                total += sum(len(part.text) for part in content)
+        return total
+    prompt = body.prompt
+    return len(prompt) if isinstance(prompt, str) else 4 * len(prompt)

@@ -1,9 +1,11 @@
 """A job's partial results: `results.jsonl` and `errors.jsonl` in its work folder.
 
-Each finished request is written as it finishes (so a kill loses none) and made durable in
-small groups (fsync). A run that resumes reads what is there, cuts a torn last line, and
-learns which requests are done: results by `custom_id`, errors by the input line they came
-from. A failed write or fsync cuts the files back to their last good fsync.
+Finished requests are gathered in memory and written together, at the latest when the
+runner next waits on the engine, and made durable in small groups (fsync). A kill loses
+only what was not written yet: requests that simply run again on resume, never twice in the
+files. A run that resumes reads what is there, cuts a torn last line, and learns which
+requests are done: results by `custom_id`, errors by the input line they came from. A failed
+write or fsync cuts the files back to their last good fsync.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from pathlib import Path
 import orjson
 
 from runner.durable import fsync_dir, write_atomic
+from runner.idset import IdSet
 
 RESULTS = "results.jsonl"
 ERRORS = "errors.jsonl"
+BUFFER_BYTES = 1 << 18  # lines held before a write, at most: a few hundred results
 
 
 @dataclass
@@ -46,18 +50,37 @@ class Tally:
             if slot < keep:
                 self.samples[slot] = [max_tokens, tokens, stopped]
 
-    def add_result(self, record: dict) -> None:
+    def add_result(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.completed += 1
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+
+    def add_record(self, record: dict) -> None:
+        """Count a result read back from `results.jsonl`."""
         usage = record["response"]["body"].get("usage") or {}
-        self.prompt_tokens += usage.get("prompt_tokens", 0)
-        self.completion_tokens += usage.get("completion_tokens", 0) or 0
+        self.add_result(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0) or 0)
 
 
 @dataclass
 class Done:
-    ids: set[str] = field(default_factory=set)
+    ids: IdSet  # custom_ids of the results, kept by their place in results.jsonl
     lines: set[int] = field(default_factory=set)
     tally: Tally = field(default_factory=Tally)
+
+
+def count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as handle:
+        return sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+
+
+def recall_custom_id(path: Path, offset: int) -> str | None:
+    """The custom_id of the journal record at `offset`, read again from the file."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        record = orjson.loads(handle.readline())
+    return record.get("custom_id")
 
 
 def _is_record(name: str, record: object) -> bool:
@@ -70,9 +93,10 @@ def _is_record(name: str, record: object) -> bool:
     return isinstance(error, dict) and isinstance(error.get("line"), int)
 
 
-def load_records(path: Path, name: str, take: Callable[[dict], None]) -> None:
-    """Hand each record of the file to `take`, after cutting the file at its first line that
-    is not a whole record. Streams: a 200,000-line journal is never held in memory.
+def load_records(path: Path, name: str, take: Callable[[dict, int], None]) -> None:
+    """Hand each record of the file, and its byte offset, to `take`, after cutting the file
+    at its first line that is not a whole record. Streams: a 200,000-line journal is never
+    held in memory.
 
     A crash leaves at most a torn last line; a power cut on some filesystems, or a failed
     write-back, can leave zeros or garbage after the last good line. Either way what follows
@@ -93,7 +117,7 @@ def load_records(path: Path, name: str, take: Callable[[dict], None]) -> None:
                     break
                 if not _is_record(name, record):
                     break
-                take(record)
+                take(record, keep)
             keep += len(line)
         size = handle.seek(0, os.SEEK_END)
     if keep != size:
@@ -104,27 +128,43 @@ def load_records(path: Path, name: str, take: Callable[[dict], None]) -> None:
 
 
 class _Appender:
-    """One journal file, appended with plain writes so that a kill loses nothing written."""
+    """One journal file, appended with plain writes of whole lines.
+
+    Lines wait in a buffer until `flush`; `size` counts what reached the file, `durable`
+    what the last good fsync made safe.
+    """
 
     def __init__(self, path: Path) -> None:
         self.created = not path.exists()
         self.descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.durable = os.fstat(self.descriptor).st_size  # its size at the last good fsync
         self.size = self.durable
+        self.buffer = bytearray()
 
     def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.write(self.descriptor, view)
-            self.size += written
-            view = view[written:]
+        self.buffer += data
+        if len(self.buffer) >= BUFFER_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        view = memoryview(self.buffer)
+        try:
+            while view:
+                written = os.write(self.descriptor, view)
+                self.size += written
+                view = view[written:]
+        finally:
+            view.release()
+        self.buffer.clear()
 
     def sync(self) -> None:
+        self.flush()
         os.fsync(self.descriptor)
         self.durable = self.size
 
     def roll_back(self) -> None:
         """Cut the file back to its last good fsync: nothing after it can be trusted."""
+        self.buffer.clear()
         try:
             os.ftruncate(self.descriptor, self.durable)
         except OSError:
@@ -156,17 +196,22 @@ class Journal:
     def load(self) -> Done:
         """Read what earlier runs finished, after cutting what follows the last whole record."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        done = Done()
+        results = self.folder / RESULTS
+        size = results.stat().st_size if results.exists() else 0
+        ids = IdSet(
+            lambda offset: recall_custom_id(results, offset), count_lines(results), size >= 1 << 32
+        )
+        done = Done(ids)
 
-        def result(record: dict) -> None:
-            done.ids.add(record["custom_id"])
-            done.tally.add_result(record)
+        def result(record: dict, offset: int) -> None:
+            done.ids.add(record["custom_id"], offset)
+            done.tally.add_record(record)
 
-        def error(record: dict) -> None:
+        def error(record: dict, offset: int) -> None:
             done.lines.add(record["error"]["line"])
             done.tally.failed += 1
 
-        load_records(self.folder / RESULTS, RESULTS, result)
+        load_records(results, RESULTS, result)
         load_records(self.folder / ERRORS, ERRORS, error)
         return done
 
@@ -182,9 +227,13 @@ class Journal:
             raise self.broken
 
     def write(self, name: str, record: dict) -> None:
+        self.write_line(name, orjson.dumps(record) + b"\n")
+
+    def write_line(self, name: str, line: bytes) -> None:
+        """Append one whole record line (ending in a newline)."""
         self._check()
         try:
-            self._file(name).write(orjson.dumps(record) + b"\n")
+            self._file(name).write(line)
         except OSError as error:
             self._break(error)
             raise
@@ -193,6 +242,16 @@ class Journal:
             time.monotonic() - self.last_sync >= self.sync_seconds
         ):
             self.sync()
+
+    def flush(self) -> None:
+        """Write what waits in the buffers, without an fsync: a kill then loses none of it."""
+        self._check()
+        try:
+            for appender in self.files.values():
+                appender.flush()
+        except OSError as error:
+            self._break(error)
+            raise
 
     def sync(self) -> None:
         """Make every written line durable. A failed fsync raises: it is never retried."""

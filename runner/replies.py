@@ -9,6 +9,8 @@ import struct
 import time
 from typing import Any
 
+import orjson
+
 from runner.types import CHAT, EMBEDDINGS, Choice, EngineOutput, EngineRequest
 
 # Ids need only be unique, not secret: a random stem per process and a counter are as
@@ -44,6 +46,30 @@ def result_record(request: EngineRequest, output: EngineOutput, model: str) -> d
         "response": {"status_code": 200, "request_id": _new_id("req_"), "body": body},
         "error": None,
     }
+
+
+def result_line(request: EngineRequest, output: EngineOutput, model: str) -> bytes:
+    """`result_record` as its line of `results.jsonl`, the same bytes orjson would write,
+    with the envelope filled into a template instead of built as dicts."""
+    if request.endpoint == EMBEDDINGS:
+        body = embedding_body(request, output, model)
+    elif request.endpoint == CHAT:
+        body = chat_body(request, output, model)
+    else:
+        body = completion_body(request, output, model)
+    return b"".join(
+        (
+            b'{"id":"',
+            _new_id("batch_req_").encode(),
+            b'","custom_id":',
+            orjson.dumps(request.key),
+            b',"response":{"status_code":200,"request_id":"',
+            _new_id("req_").encode(),
+            b'","body":',
+            orjson.dumps(body),
+            b'},"error":null}\n',
+        )
+    )
 
 
 def _usage(output: EngineOutput) -> dict[str, int]:

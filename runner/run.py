@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from runner.client import EngineClient, EngineDied
+from runner.idset import IdSet
 from runner.journal import ERRORS, RESULTS, SOLO_CRASHES, CrashBook, Journal, Tally
 from runner.lines import (
     FileRejected,
@@ -25,9 +24,10 @@ from runner.lines import (
     ParsedLine,
     RawLine,
     parse_line,
+    read_line_at,
     read_raw_lines,
 )
-from runner.replies import error_record, result_record
+from runner.replies import error_record, result_line
 from runner.types import EngineOutput, EngineRequest
 
 
@@ -50,13 +50,47 @@ class FileSummary:
 
 
 class LineChecker:
-    """Turns raw lines into parsed lines or errors, with the rules that span lines."""
+    """Turns raw lines into parsed lines or errors, with the rules that span lines.
 
-    def __init__(self, limits: Limits, defaults: dict[str, Any] | None, endpoint: str | None):
+    Given the file the lines come from, it keeps the custom_ids seen in an IdSet that
+    re-reads a line from the file to confirm a match; lines built by hand (no file) keep
+    their ids in a list instead.
+    """
+
+    def __init__(
+        self,
+        limits: Limits,
+        defaults: dict[str, Any] | None,
+        endpoint: str | None,
+        source: Path | None = None,
+        expected: int = 0,
+    ):
         self.limits = limits
         self.defaults = defaults
         self.endpoint = endpoint
-        self.seen: set[str] = set()
+        self.source = source
+        self.kept: list[str] = []
+        wide = source is not None and source.stat().st_size >= 1 << 32
+        self.seen = IdSet(self._recall, expected, wide)
+
+    def _recall(self, place: int) -> str | None:
+        if self.source is None:
+            return self.kept[place]
+        raw = read_line_at(self.source, place, self.limits.max_line_bytes)
+        try:
+            checked = parse_line(raw, self.limits, self.defaults)
+        except FileRejected:
+            return None
+        return checked.custom_id
+
+    def _add(self, custom_id: str, raw: RawLine) -> bool:
+        """Note a line's custom_id; False when an earlier line has it."""
+        if self.source is not None:
+            return self.seen.add(custom_id, raw.offset)
+        if self.seen.add(custom_id, len(self.kept)):
+            self.kept.append(custom_id)
+            return True
+        return False
 
     def check(self, raw: RawLine) -> ParsedLine | LineError:
         parsed = parse_line(raw, self.limits, self.defaults)
@@ -64,16 +98,15 @@ class LineChecker:
             # A bad line still holds its custom_id: a later line may not reuse it, or the
             # id would stand in both errors.jsonl and results.jsonl.
             if parsed.custom_id is not None:
-                self.seen.add(parsed.custom_id)
+                self._add(parsed.custom_id, raw)
             return parsed
-        if parsed.custom_id in self.seen:
+        if not self._add(parsed.custom_id, raw):
             return LineError(
                 parsed.line,
                 parsed.custom_id,
                 "duplicate_custom_id",
                 f"custom_id {parsed.custom_id!r} is used by an earlier line",
             )
-        self.seen.add(parsed.custom_id)
         self.endpoint = self.endpoint or parsed.url
         if parsed.url != self.endpoint:
             return LineError(
@@ -95,7 +128,7 @@ def scan_file(path: Path, limits: Limits, defaults: dict[str, Any] | None = None
             f"the file has {size} bytes, over the limit of {limits.max_file_bytes}",
         )
     summary = FileSummary()
-    checker = LineChecker(limits, defaults, None)
+    checker = LineChecker(limits, defaults, None, path)
     for raw in read_raw_lines(path, limits.max_line_bytes):
         summary.lines += 1
         if summary.lines > limits.max_lines:
@@ -110,8 +143,8 @@ def scan_file(path: Path, limits: Limits, defaults: dict[str, Any] | None = None
         if parsed.model:
             summary.models.add(parsed.model)
         summary.prompt_chars += parsed.prompt_chars
-        summary.max_tokens[parsed.request.sampling.get("max_tokens")] += 1
-        summary.choices += int(parsed.request.sampling.get("n", 1))
+        summary.max_tokens[parsed.max_tokens] += 1
+        summary.choices += parsed.choices
     summary.endpoint = checker.endpoint
     if summary.lines == 0:
         raise FileRejected("empty_file", "the file has no request lines")
@@ -163,8 +196,9 @@ class _Feeder:
         self.tally.failed += 1
 
     def send(self, parsed: ParsedLine) -> None:
-        self.in_flight[parsed.request.key] = (parsed.line, parsed.request)
-        self.pending.append(parsed.request)
+        request = parsed.request
+        self.in_flight[request.key] = (parsed.line, request)
+        self.pending.append(request)
         if len(self.pending) >= self.options.submit_group:
             self.flush()
 
@@ -180,6 +214,9 @@ class _Feeder:
     def receive(self, timeout: float) -> None:
         for output in self.client.poll(timeout):
             self.finish(output)
+        # What came back is written before the next wait: a kill can lose no more than the
+        # requests that were in flight, which run again on resume.
+        self.journal.flush()
 
     def finish(self, output: EngineOutput) -> None:
         entry = self.in_flight.pop(output.key, None)
@@ -189,9 +226,8 @@ class _Feeder:
         if output.failed:
             self.error(line, request.key, output.error_code, output.error_message or "")
             return
-        record = result_record(request, output, self.options.model)
-        self.journal.write(RESULTS, record)
-        self.tally.add_result(record)
+        self.journal.write_line(RESULTS, result_line(request, output, self.options.model))
+        self.tally.add_result(output.prompt_tokens, output.completion_tokens)
         max_tokens = request.sampling.get("max_tokens") or (
             self.client.info.max_model_len - output.prompt_tokens
         )
@@ -217,7 +253,7 @@ def run_lines(
     done = journal.load()
     progress = Progress(total=total, tally=done.tally)
     feeder = _Feeder(client, journal, options, done.tally)
-    checker = LineChecker(options.limits, options.defaults, options.endpoint)
+    checker = LineChecker(options.limits, options.defaults, options.endpoint, path, total)
     last_report = 0.0
     baseline = client.counters()
 
@@ -329,46 +365,24 @@ def fail_remaining(
     (line_too_long, invalid_json...), the others `code` and `message`.
     """
     done = journal.load()
-    seen: set[str] = set()
-    checker = LineChecker(limits, defaults, endpoint)
+    checker = LineChecker(limits, defaults, endpoint, path, len(done.ids) + len(done.lines))
     for raw in read_raw_lines(path, limits.max_line_bytes):
-        own = _own_error(checker, raw)
+        try:
+            checked: ParsedLine | LineError | None = checker.check(raw)
+        except FileRejected:
+            checked = None  # the whole file is at fault, not this line
         if raw.number in done.lines:
             continue
-        custom_id = own.custom_id if own is not None else _custom_id_of(raw)
-        # Only the first line with a custom_id can have run; a later one is a duplicate.
-        first = custom_id is not None and custom_id not in seen
-        if custom_id is not None:
-            seen.add(custom_id)
-        if first and custom_id in done.ids:
-            continue
-        if own is not None:
-            record = error_record(own.custom_id, raw.number, own.code, own.message)
+        if isinstance(checked, ParsedLine):
+            # Only a valid line that is first with its custom_id can have run.
+            if checked.custom_id in done.ids:
+                continue
+            record = error_record(checked.custom_id, raw.number, code, message)
+        elif checked is None:
+            record = error_record(None, raw.number, code, message)
         else:
-            record = error_record(custom_id, raw.number, code, message)
+            record = error_record(checked.custom_id, raw.number, checked.code, checked.message)
         journal.write(ERRORS, record)
         done.tally.failed += 1
     journal.close()
     return done.tally
-
-
-def _own_error(checker: LineChecker, raw: RawLine) -> LineError | None:
-    """The error a line has in itself, if any; None where the whole file is at fault."""
-    try:
-        checked = checker.check(raw)
-    except FileRejected:
-        return None
-    return checked if isinstance(checked, LineError) else None
-
-
-def _custom_id_of(raw: RawLine) -> str | None:
-    """The line's custom_id when it has a readable one, whatever else is wrong with it."""
-    if raw.data is None:
-        return None
-    data = raw.data.removeprefix(b"\xef\xbb\xbf") if raw.number == 1 else raw.data
-    try:
-        item = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    custom_id = item.get("custom_id") if isinstance(item, dict) else None
-    return custom_id if isinstance(custom_id, str) and custom_id else None

@@ -10,6 +10,7 @@ write or fsync cuts the files back to their last good fsync.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -40,15 +41,30 @@ class Tally:
     samples: list[list] = field(default_factory=list)
     sampled: int = 0
     chooser: random.Random = field(default_factory=lambda: random.Random(0), repr=False)
+    weight: float = field(default=0.0, repr=False)
+    next_kept: int = field(default=0, repr=False)  # the number of the next choice kept
 
     def add_sample(self, max_tokens: int, tokens: int, stopped: bool, keep: int = 500) -> None:
         self.sampled += 1
         if len(self.samples) < keep:
             self.samples.append([max_tokens, tokens, stopped])
-        else:  # reservoir sampling: every choice seen has the same chance to be kept
-            slot = self.chooser.randrange(self.sampled)
-            if slot < keep:
-                self.samples[slot] = [max_tokens, tokens, stopped]
+            if len(self.samples) == keep:
+                self.weight = math.exp(math.log(self._uniform()) / keep)
+                self._skip()
+        elif self.sampled == self.next_kept:
+            # Reservoir sampling that draws where the next kept choice falls (Li's
+            # "Algorithm L"): every choice seen has the same chance to be kept, and the
+            # ones between cost no random draw.
+            self.samples[self.chooser.randrange(keep)] = [max_tokens, tokens, stopped]
+            self.weight *= math.exp(math.log(self._uniform()) / keep)
+            self._skip()
+
+    def _uniform(self) -> float:
+        return self.chooser.random() or 1e-300  # in (0, 1): both logarithms stay finite
+
+    def _skip(self) -> None:
+        gap = math.floor(math.log(self._uniform()) / math.log1p(-self.weight))
+        self.next_kept = self.sampled + gap + 1
 
     def add_result(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.completed += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -29,8 +29,9 @@ class Limits:
     max_n: int = 16
 
 
-@dataclass(frozen=True)
-class RawLine:
+class RawLine(NamedTuple):
+    """One line as read; a tuple, as it is made for every line of every file, twice."""
+
     number: int  # 1-based, counting every physical line, so users can find it
     data: bytes | None  # None when the line was longer than the limit
     length: int
@@ -45,7 +46,7 @@ class LineError:
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ParsedLine:
     """A valid line. Its engine request is built each time it is asked for, so the check
     before queueing, which needs just the figures below, never builds one."""
@@ -281,18 +282,20 @@ def _limit_problem(body: Any, limits: Limits) -> str | None:
     return None
 
 
-SAMPLING_KEYS = (
-    "temperature",
-    "top_p",
-    "n",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "min_tokens",
-    "ignore_eos",
+SAMPLING_KEYS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "n",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "min_tokens",
+        "ignore_eos",
+    }
 )
 
 
@@ -301,9 +304,11 @@ def to_engine_request(custom_id: str, url: str, body: Any) -> EngineRequest:
     if isinstance(body, EmbeddingBody):
         reply = {"encoding_format": body.encoding_format}
         return EngineRequest(custom_id, url, list(body.inputs()), reply_options=reply)
-    sampling: dict[str, Any] = {
-        key: value for key in SAMPLING_KEYS if (value := getattr(body, key)) is not None
-    }
+    # Only the fields a line sets (omit_defaults), in one call: n, whose default is 1, is
+    # the one sampling key that is never None, so it is added as it stands.
+    fields = msgspec.to_builtins(body)
+    sampling: dict[str, Any] = {key: fields[key] for key in SAMPLING_KEYS & fields.keys()}
+    sampling["n"] = body.n
     sampling["max_tokens"] = getattr(body, "max_completion_tokens", None) or body.max_tokens
     if body.stop is not None:
         sampling["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
@@ -311,7 +316,7 @@ def to_engine_request(custom_id: str, url: str, body: Any) -> EngineRequest:
     if isinstance(body, ChatBody):
         if body.logprobs:
             sampling["logprobs"] = body.top_logprobs or 0
-        prompt: Any = msgspec.to_builtins(body.messages)
+        prompt: Any = fields["messages"]
     else:
         assert isinstance(body, CompletionBody)
         if body.logprobs is not None:

@@ -34,12 +34,7 @@ def error_record(custom_id: str | None, line: int | None, code: str, message: st
 
 def result_record(request: EngineRequest, output: EngineOutput, model: str) -> dict:
     """A successful request as one line of `results.jsonl`."""
-    if request.endpoint == EMBEDDINGS:
-        body = embedding_body(request, output, model)
-    elif request.endpoint == CHAT:
-        body = chat_body(request, output, model)
-    else:
-        body = completion_body(request, output, model)
+    body = result_body(request, output, model)
     return {
         "id": _new_id("batch_req_"),
         "custom_id": request.key,
@@ -49,26 +44,52 @@ def result_record(request: EngineRequest, output: EngineOutput, model: str) -> d
 
 
 def result_line(request: EngineRequest, output: EngineOutput, model: str) -> bytes:
-    """`result_record` as its line of `results.jsonl`, the same bytes orjson would write,
-    with the envelope filled into a template instead of built as dicts."""
-    if request.endpoint == EMBEDDINGS:
-        body = embedding_body(request, output, model)
-    elif request.endpoint == CHAT:
-        body = chat_body(request, output, model)
+    """`result_record` as its line of `results.jsonl`: the same bytes orjson writes for it,
+    with the envelope (and a plain chat body) filled into templates instead of built as
+    nested dicts. The three ids of one line share one counter value."""
+    suffix = f"{_STEM}{next(_COUNTER):016x}".encode()
+    if request.endpoint == CHAT and all(choice.logprobs is None for choice in output.choices):
+        body = _chat_body_bytes(suffix, output, model)
     else:
-        body = completion_body(request, output, model)
+        body = orjson.dumps(result_body(request, output, model))
     return b"".join(
         (
-            b'{"id":"',
-            _new_id("batch_req_").encode(),
+            b'{"id":"batch_req_',
+            suffix,
             b'","custom_id":',
             orjson.dumps(request.key),
-            b',"response":{"status_code":200,"request_id":"',
-            _new_id("req_").encode(),
+            b',"response":{"status_code":200,"request_id":"req_',
+            suffix,
             b'","body":',
-            orjson.dumps(body),
+            body,
             b'},"error":null}\n',
         )
+    )
+
+
+def result_body(request: EngineRequest, output: EngineOutput, model: str) -> dict[str, Any]:
+    if request.endpoint == EMBEDDINGS:
+        return embedding_body(request, output, model)
+    if request.endpoint == CHAT:
+        return chat_body(request, output, model)
+    return completion_body(request, output, model)
+
+
+def _chat_body_bytes(suffix: bytes, output: EngineOutput, model: str) -> bytes:
+    """`chat_body` as orjson writes it, for choices without logprobs."""
+    dumps = orjson.dumps
+    choices = b",".join(
+        b'{"index":%d,"message":{"role":"assistant","content":%b},"finish_reason":%b,'
+        b'"logprobs":null}'
+        % (choice.index, dumps(choice.text), dumps(choice.finish_reason or "stop"))
+        for choice in output.choices
+    )
+    prompt, completion = output.prompt_tokens, output.completion_tokens
+    return (
+        b'{"id":"chatcmpl-%b","object":"chat.completion","created":%d,"model":%b,'
+        b'"choices":[%b],"usage":{"prompt_tokens":%d,"completion_tokens":%d,'
+        b'"total_tokens":%d}}'
+        % (suffix, int(time.time()), dumps(model), choices, prompt, completion, prompt + completion)
     )
 
 

@@ -251,6 +251,7 @@ def run_lines(
     crash book; the next run takes those one at a time.
     """
     done = journal.load()
+    resuming = len(done.ids) > 0
     progress = Progress(total=total, tally=done.tally)
     feeder = _Feeder(client, journal, options, done.tally)
     checker = LineChecker(options.limits, options.defaults, options.endpoint, path, total)
@@ -277,7 +278,7 @@ def run_lines(
             if isinstance(parsed, LineError):
                 feeder.error(parsed.line, parsed.custom_id, parsed.code, parsed.message)
                 continue
-            if parsed.custom_id in done.ids:
+            if resuming and parsed.custom_id in done.ids:
                 continue
             if crashes is not None and parsed.custom_id in crashes.suspects:
                 stopped = _run_alone(feeder, parsed, crashes, report, should_stop)

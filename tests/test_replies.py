@@ -7,6 +7,7 @@ import base64
 import struct
 from pathlib import Path
 
+import orjson
 import pytest
 from helpers import (
     assert_every_line_once,
@@ -22,7 +23,7 @@ from runner.client import LocalClient
 from runner.engine import FakeEngine, ModelSpec
 from runner.journal import Journal
 from runner.lines import Limits
-from runner.replies import error_record, result_record
+from runner.replies import error_record, result_line, result_record
 from runner.run import RunOptions, run_lines, scan_file
 from runner.types import CHAT, COMPLETIONS, EMBEDDINGS, Choice, EngineOutput, EngineRequest
 
@@ -58,6 +59,38 @@ def body_of(record: dict) -> dict:
     assert set(record["response"]) == {"status_code", "request_id", "body"}
     assert record["response"]["status_code"] == 200
     return record["response"]["body"]
+
+
+# ------------------------------------------------------------------------------ result lines
+
+
+def without_ids(record: dict) -> dict:
+    body = record["response"]["body"]
+    body.pop("created", None)
+    for where, key in ((record, "id"), (record["response"], "request_id"), (body, "id")):
+        assert isinstance(where.pop(key, ""), str)
+    return record
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "output"),
+    [
+        (CHAT, generation_output(n=2)),
+        (CHAT, EngineOutput("q1", 4, [Choice(0, 'a "quoted"\n\u2028 t\x00xt é', None, 5)])),
+        (CHAT, generation_output(LOGPROBS)),
+        (COMPLETIONS, generation_output(n=2)),
+        (EMBEDDINGS, EngineOutput("q1", 4, embeddings=[[0.5, -0.25]])),
+    ],
+)
+def test_a_result_line_is_the_record_as_orjson_writes_it(endpoint, output):
+    request = EngineRequest('q"1 é', endpoint, [], {})
+    line = result_line(request, output, 'model "x"')
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert orjson.dumps(orjson.loads(line)) + b"\n" == line  # the bytes orjson would write
+    record = result_record(request, output, 'model "x"')
+    assert without_ids(orjson.loads(line)) == without_ids(record)
+    ids = orjson.loads(line)
+    assert ids["id"].startswith("batch_req_") and ids["response"]["request_id"].startswith("req_")
 
 
 # -------------------------------------------------------------------------- chat completions

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from helpers import (
 
 from runner.client import LocalClient
 from runner.engine import FakeEngine, ModelSpec
-from runner.journal import Journal
+from runner.journal import Journal, Tally
 from runner.lines import FileRejected, Limits
 from runner.run import RunOptions, fail_remaining, run_lines, scan_file
 from runner.types import EngineOutput, EngineRequest
@@ -473,3 +474,16 @@ def test_fail_remaining_on_a_file_with_a_bom(tmp_path):
     assert "q0" in custom_ids(out / "results.jsonl")
     fail_remaining(path, Journal(out), "batch_cancelled", "cancelled", Limits())
     assert_every_line_once(path, out)
+
+
+def test_the_sample_of_answer_lengths_is_uniform_over_every_choice():
+    kept = Counter()
+    for trial in range(300):
+        tally = Tally(chooser=random.Random(trial))
+        for index in range(2000):
+            tally.add_sample(index, 1, True, keep=50)
+        assert len(tally.samples) == 50 and tally.sampled == 2000
+        assert len({sample[0] for sample in tally.samples}) == 50
+        kept.update(sample[0] // 200 for sample in tally.samples)
+    # each tenth of the stream holds a tenth of the kept choices (1,500 expected)
+    assert all(1300 < kept[tenth] < 1700 for tenth in range(10)), kept

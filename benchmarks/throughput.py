@@ -30,6 +30,7 @@ import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+BATCHBOX = [sys.executable, "-m", "watcher.cli"]
 TOPICS = [
     "the sea",
     "a city at night",
@@ -52,7 +53,7 @@ def make_requests(count: int, seed: int = 7) -> list[dict]:
     requests = []
     for index in range(count):
         topic = chooser.choice(TOPICS)
-        context = " ".join(chooser.choice(TOPICS) for _ in range(chooser.randint(0, 60)))
+        context = " ".join(chooser.choice(TOPICS) for _ in range(chooser.randint(0, 40)))
         prompt = f"Write about {topic}. Keep in mind: {context}".strip()
         requests.append(
             {
@@ -61,7 +62,7 @@ def make_requests(count: int, seed: int = 7) -> list[dict]:
                 "url": "/v1/chat/completions",
                 "body": {
                     "messages": [{"role": "user", "content": prompt}],
-                    "max_tokens": chooser.choice([16, 32, 48, 64, 96, 128]),
+                    "max_tokens": chooser.choice([8, 16, 24, 32, 48]),
                     "temperature": 0.8,
                     "seed": index,
                     "ignore_eos": True,
@@ -140,9 +141,23 @@ def variant_raw(model: dict, source: str, data: Path, environment: dict) -> dict
     return {"wall": wall, "peak": peak, **figures}
 
 
+def engine_flags(engine: dict) -> list[str]:
+    """The model's engine settings from the config as vLLM command-line flags, so the batch
+    runner gets exactly what (a), (c) and (d) get."""
+    flags = []
+    for key, value in engine.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False:
+            flags.append("--no-" + key.replace("_", "-"))
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
 def variant_run_batch(model: dict, source: str, data: Path, environment: dict) -> dict:
     out = data.with_suffix(".run_batch.jsonl")
-    engine = model["engine"]
     command = [
         sys.executable,
         "-m",
@@ -155,17 +170,15 @@ def variant_run_batch(model: dict, source: str, data: Path, environment: dict) -
         source,
         "--served-model-name",
         "smollm2",
-        "--dtype",
-        str(engine.get("dtype", "auto")),
-        "--max-model-len",
-        str(engine.get("max_model_len", 2048)),
+        *engine_flags(model["engine"]),
     ]
-    if engine.get("enforce_eager"):
-        command.append("--enforce-eager")
-    wall, peak = run_measured(
-        command, environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    usage = [json.loads(line)["response"]["body"]["usage"] for line in out.open()]
+    with open(data.with_suffix(".run_batch.log"), "w") as log:
+        wall, peak = run_measured(command, environment, stdout=log, stderr=log)
+    lines = [json.loads(line) for line in out.open()]
+    failed = [line for line in lines if line.get("error")]
+    if failed:
+        raise SystemExit(f"run_batch failed {len(failed)} requests: {failed[0]['error']}")
+    usage = [line["response"]["body"]["usage"] for line in lines]
     return {
         "wall": wall,
         "peak": peak,
@@ -187,22 +200,24 @@ def batchbox_figures(folder: Path) -> dict:
 
 def variant_run(config: Path, data: Path, environment: dict) -> dict:
     out = data.parent / "run-outbox"
-    wall, peak = run_measured(
-        [sys.executable, "-m", "watcher.cli", "-c", str(config), "run", str(data), "-o", str(out)],
-        environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(data.with_suffix(".run.log"), "w") as log:
+        wall, peak = run_measured(
+            [*BATCHBOX, "-c", str(config), "run", str(data), "-o", str(out)],
+            environment,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     return {"wall": wall, "peak": peak, **batchbox_figures(out / data.stem)}
 
 
 def variant_serve(config: Path, data: Path, environment: dict) -> dict:
     root = config.parent
+    log = open(data.with_suffix(".serve.log"), "w")  # noqa: SIM115 - open while it runs
     service = subprocess.Popen(
-        [sys.executable, "-m", "watcher.cli", "-c", str(config), "serve"],
+        [*BATCHBOX, "-c", str(config), "serve"],
         env=environment,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log,
     )
     memory = PeakMemory(service.pid)
     while not (root / "inbox" / "smollm2-135m").is_dir():
@@ -215,6 +230,7 @@ def variant_serve(config: Path, data: Path, environment: dict) -> dict:
     wall = time.monotonic() - started
     service.terminate()
     service.wait(60)
+    log.close()
     return {"wall": wall, "peak": memory.done(), **batchbox_figures(result.parent)}
 
 

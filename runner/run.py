@@ -1,8 +1,10 @@
 """Running a job's lines through an engine: check the file, feed the engine, write results.
 
 `scan_file` reads the file once to count and check it before it is queued; `run_lines` reads
-it again and keeps the engine fed with a bounded number of requests in flight, writing each
-result to the journal as soon as it finishes. Neither holds the file or its results in memory.
+it again and keeps the engine fed with a bounded number of requests in flight, writing the
+results of each batch the engine returns to the journal before it waits again. Neither holds
+the file or its results in memory, nor a set of its custom_ids: those are kept as hashes
+(runner.idset), exact all the same.
 """
 
 from __future__ import annotations

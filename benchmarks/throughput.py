@@ -220,13 +220,18 @@ def variant_serve(config: Path, data: Path, environment: dict) -> dict:
         stderr=log,
     )
     memory = PeakMemory(service.pid)
-    while not (root / "inbox" / "smollm2-135m").is_dir():
-        time.sleep(0.1)
+
+    def wait_for(path: Path) -> None:
+        while not path.exists():
+            if service.poll() is not None:
+                raise SystemExit(f"batchbox serve ended with exit status {service.returncode}")
+            time.sleep(0.1)
+
+    wait_for(root / "inbox" / "smollm2-135m")
     started = time.monotonic()
     shutil.copy(data, root / "inbox" / "smollm2-135m" / data.name)
     result = root / "outbox" / "smollm2-135m" / data.stem / "status.json"
-    while not result.exists():
-        time.sleep(0.2)
+    wait_for(result)
     wall = time.monotonic() - started
     service.terminate()
     service.wait(60)

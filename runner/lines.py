@@ -282,20 +282,18 @@ def _limit_problem(body: Any, limits: Limits) -> str | None:
     return None
 
 
-SAMPLING_KEYS = frozenset(
-    {
-        "temperature",
-        "top_p",
-        "n",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
-        "min_tokens",
-        "ignore_eos",
-    }
+SAMPLING_KEYS = (
+    "temperature",
+    "top_p",
+    "n",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
 )
 
 
@@ -304,11 +302,9 @@ def to_engine_request(custom_id: str, url: str, body: Any) -> EngineRequest:
     if isinstance(body, EmbeddingBody):
         reply = {"encoding_format": body.encoding_format}
         return EngineRequest(custom_id, url, list(body.inputs()), reply_options=reply)
-    # Only the fields a line sets (omit_defaults), in one call: n, whose default is 1, is
-    # the one sampling key that is never None, so it is added as it stands.
-    fields = msgspec.to_builtins(body)
-    sampling: dict[str, Any] = {key: fields[key] for key in SAMPLING_KEYS & fields.keys()}
-    sampling["n"] = body.n
+    sampling: dict[str, Any] = {
+        key: value for key in SAMPLING_KEYS if (value := getattr(body, key)) is not None
+    }
     sampling["max_tokens"] = getattr(body, "max_completion_tokens", None) or body.max_tokens
     if body.stop is not None:
         sampling["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
@@ -316,7 +312,7 @@ def to_engine_request(custom_id: str, url: str, body: Any) -> EngineRequest:
     if isinstance(body, ChatBody):
         if body.logprobs:
             sampling["logprobs"] = body.top_logprobs or 0
-        prompt: Any = fields["messages"]
+        prompt: Any = msgspec.to_builtins(body.messages)
     else:
         assert isinstance(body, CompletionBody)
         if body.logprobs is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
 from typing import Protocol
@@ -84,6 +85,9 @@ class LocalClient:
 
 
 def _child_main(spec: ModelSpec, connection) -> None:
+    # A process group of its own: vLLM's engine core and workers, started from here, join
+    # it, and the parent ends the whole group once this process is gone (see _reap).
+    os.setpgid(0, 0)
     # vLLM logs to standard output; the parent's standard output is for its own answers
     # (`batchbox run` prints the outbox folder, `serve` prints JSON log lines).
     os.dup2(2, 1)
@@ -158,6 +162,7 @@ class EngineProcess:
         self.process.start()
         child_end.close()
         self.spec = spec
+        self.death: str | None = None  # why it ended, once that is known
         self.latest_counters = (0, 0)
         self.info = self._wait_ready(load_timeout)
         self.started_seconds = time.monotonic() - started
@@ -193,7 +198,7 @@ class EngineProcess:
         try:
             self.connection.send(("submit", requests))
         except (BrokenPipeError, OSError) as error:
-            raise EngineDied(self._death()) from error
+            raise EngineDied(self.ended()) from error
 
     def poll(self, timeout: float) -> list[EngineOutput]:
         outputs: list[EngineOutput] = []
@@ -206,16 +211,28 @@ class EngineProcess:
                     self.latest_counters = counters
                 wait = 0
         except (EOFError, OSError) as error:
-            raise EngineDied(self._death()) from error
+            raise EngineDied(self.ended()) from error
         if not outputs and not self.process.is_alive():
-            raise EngineDied(self._death())
+            raise EngineDied(self.ended())
         return outputs
 
-    def _death(self) -> str:
+    def _reap(self) -> None:
+        """End what the engine process left behind. vLLM's engine core, in a process of its
+        own unless VLLM_ENABLE_V1_MULTIPROCESSING is 0, outlives a killed parent and keeps
+        its GPU memory, so the next engine could not load; it is in this group."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # nothing left in the group
+
+    def ended(self) -> str:
+        """Why the engine process is gone, once it is; what it left behind is ended too."""
         self.process.join(timeout=5)
-        return (
+        self._reap()
+        self.death = (
             f"the engine process for {self.spec.alias!r} ended (exit code {self.process.exitcode})"
         )
+        return self.death
 
     def counters(self) -> tuple[int, int]:
         return self.latest_counters
@@ -236,4 +253,5 @@ class EngineProcess:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(5)
+        self._reap()
         self.connection.close()

@@ -102,6 +102,8 @@ class FakeEngine:
     - `fake_crash_on`: a prompt containing this text kills the process (for crash tests)
     - `fake_log_requests`: a file to which the key of every request added is appended, so
       crash tests can count the requests that ran more than once
+    - `fake_helper_pidfile`: start a helper process at load, as vLLM starts its engine core,
+      and write its pid to this file
     """
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -114,6 +116,12 @@ class FakeEngine:
         self.crash_on = options.get("fake_crash_on")
         self.request_log = options.get("fake_log_requests")
         time.sleep(float(options.get("fake_load_seconds", 0.0)))
+        if options.get("fake_helper_pidfile"):
+            import subprocess
+            from pathlib import Path
+
+            helper = subprocess.Popen(["sleep", "600"])
+            Path(options["fake_helper_pidfile"]).write_text(str(helper.pid))
         self.spec = spec
         self.waiting: deque[tuple[EngineRequest, int]] = deque()
         self.prompt_tokens = 0

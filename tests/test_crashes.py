@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import signal
 import time
@@ -351,3 +352,34 @@ def test_kill_9_with_the_real_engine_loses_and_repeats_nothing(
     final = set((root / "outbox" / "colours" / "results.jsonl").read_bytes().splitlines())
     assert all(lines <= final for lines in journals)
     assert any(0 < len(lines) < 60 for lines in journals), [len(lines) for lines in journals]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("how", ["killed", "closed"])
+def test_what_the_engine_process_started_ends_with_it(tmp_path: Path, how: str) -> None:
+    """vLLM's engine core runs in a process the engine process starts; killed with its
+    parent it would live on and keep the GPU's memory from the next engine."""
+    from runner.client import EngineDied, EngineProcess
+    from runner.engine import ModelSpec
+
+    pidfile = tmp_path / "helper.pid"
+    spec = ModelSpec("fake", "none", backend="fake", engine={"fake_helper_pidfile": str(pidfile)})
+    engine = EngineProcess(spec)
+    helper = int(pidfile.read_text())
+    assert not _gone(helper)
+    if how == "killed":
+        os.kill(engine.pid, signal.SIGKILL)
+        with pytest.raises(EngineDied):
+            for _ in range(20):
+                engine.poll(0.5)
+    engine.close()
+    deadline = time.monotonic() + 10
+    while not _gone(helper) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(helper)

@@ -58,6 +58,10 @@ class EnginePool:
 
     def close(self, timeout: float = 10.0) -> None:
         if isinstance(self.client, EngineProcess):
+            if not self.client.alive() and self.client.death is None:
+                # Killed or crashed between jobs, with nothing in it: said, and replaced.
+                reason = self.client.ended()
+                log.warning("engine_died", model=self.model, reason=reason, in_engine=0)
             self.client.close(timeout)
         elif self.client is not None:
             self.client.close()

@@ -146,13 +146,13 @@ def engine_flags(engine: dict) -> list[str]:
     runner gets exactly what (a), (c) and (d) get."""
     flags = []
     for key, value in engine.items():
-        flag = "--" + key.replace("_", "-")
+        name = key.replace("_", "-")
         if value is True:
-            flags.append(flag)
+            flags.append(f"--{name}")
         elif value is False:
-            flags.append("--no-" + key.replace("_", "-"))
+            flags.append(f"--no-{name}")
         else:
-            flags += [flag, str(value)]
+            flags += [f"--{name}", str(value)]
     return flags
 
 

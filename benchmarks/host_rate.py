@@ -30,11 +30,16 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.throughput import PeakMemory  # noqa: E402
 from runner.client import LocalClient  # noqa: E402
-from runner.engine import FakeEngine, ModelSpec  # noqa: E402
+from runner.fake_engine import FakeEngine  # noqa: E402
 from runner.journal import Journal  # noqa: E402
 from runner.lines import Limits  # noqa: E402
 from runner.run import RunOptions, run_lines, scan_file  # noqa: E402
-from runner.types import Choice, EngineOutput, EngineRequest  # noqa: E402
+from runner.types import (  # noqa: E402
+    Choice,
+    EngineOutput,
+    EngineRequest,
+    ModelSpec,  # noqa: E402
+)
 
 
 class InstantEngine(FakeEngine):

@@ -15,8 +15,16 @@ import threading
 import time
 from typing import Protocol
 
-from runner.engine import Engine, EngineLoadError, ModelSpec, RequestRejected, load_engine
-from runner.types import EngineInfo, EngineOutput, EngineRequest
+from runner.engines import load_engine
+from runner.types import (
+    Engine,
+    EngineInfo,
+    EngineLoadError,
+    EngineOutput,
+    EngineRequest,
+    ModelSpec,
+    RequestRejected,
+)
 
 COUNTERS_SECONDS = 0.5  # how often an engine that finishes nothing still reports progress
 
@@ -158,14 +166,12 @@ class EngineProcess:
         self.process = context.Process(
             target=_child_main, args=(spec, child_end), name=f"engine-{spec.alias}"
         )
-        started = time.monotonic()
         self.process.start()
         child_end.close()
         self.spec = spec
         self.death: str | None = None  # why it ended, once that is known
         self.latest_counters = (0, 0)
         self.info = self._wait_ready(load_timeout)
-        self.started_seconds = time.monotonic() - started
 
     def _wait_ready(self, timeout: float) -> EngineInfo:
         deadline = time.monotonic() + timeout

@@ -32,21 +32,11 @@ def error_record(custom_id: str | None, line: int | None, code: str, message: st
     }
 
 
-def result_record(request: EngineRequest, output: EngineOutput, model: str) -> dict:
-    """A successful request as one line of `results.jsonl`."""
-    body = result_body(request, output, model)
-    return {
-        "id": _new_id("batch_req_"),
-        "custom_id": request.key,
-        "response": {"status_code": 200, "request_id": _new_id("req_"), "body": body},
-        "error": None,
-    }
-
-
 def result_line(request: EngineRequest, output: EngineOutput, model: str) -> bytes:
-    """`result_record` as its line of `results.jsonl`: the same bytes orjson writes for it,
-    with the envelope (and a plain chat body) filled into templates instead of built as
-    nested dicts. The three ids of one line share one counter value."""
+    """A successful request as its line of `results.jsonl`: `{"id", "custom_id", "response":
+    {"status_code": 200, "request_id", "body"}, "error": null}`, the same bytes orjson writes
+    for that record, with the envelope (and a plain chat body) filled into templates instead
+    of built as nested dicts. The three ids of one line share one counter value."""
     suffix = f"{_STEM}{next(_COUNTER):016x}".encode()
     if request.endpoint == CHAT and all(choice.logprobs is None for choice in output.choices):
         body = _chat_body_bytes(suffix, output, model)

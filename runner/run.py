@@ -46,17 +46,12 @@ class FileSummary:
     choices: int = 0
     first_error: LineError | None = None
 
-    @property
-    def invalid(self) -> int:
-        return self.lines - self.valid
-
 
 class LineChecker:
     """Turns raw lines into parsed lines or errors, with the rules that span lines.
 
-    Given the file the lines come from, it keeps the custom_ids seen in an IdSet that
-    re-reads a line from the file to confirm a match; lines built by hand (no file) keep
-    their ids in a list instead.
+    It keeps the custom_ids seen as hashes in an IdSet, which re-reads a line of the file
+    to confirm a match, so that no set of ids is held in memory.
     """
 
     def __init__(
@@ -64,20 +59,17 @@ class LineChecker:
         limits: Limits,
         defaults: dict[str, Any] | None,
         endpoint: str | None,
-        source: Path | None = None,
+        source: Path,
         expected: int = 0,
     ):
         self.limits = limits
         self.defaults = defaults
         self.endpoint = endpoint
         self.source = source
-        self.kept: list[str] = []
-        wide = source is not None and source.stat().st_size >= 1 << 32
+        wide = source.stat().st_size >= 1 << 32
         self.seen = IdSet(self._recall, expected, wide)
 
     def _recall(self, place: int) -> str | None:
-        if self.source is None:
-            return self.kept[place]
         raw = read_line_at(self.source, place, self.limits.max_line_bytes)
         try:
             checked = parse_line(raw, self.limits, self.defaults)
@@ -87,12 +79,7 @@ class LineChecker:
 
     def _add(self, custom_id: str, raw: RawLine) -> bool:
         """Note a line's custom_id; False when an earlier line has it."""
-        if self.source is not None:
-            return self.seen.add(custom_id, raw.offset)
-        if self.seen.add(custom_id, len(self.kept)):
-            self.kept.append(custom_id)
-            return True
-        return False
+        return self.seen.add(custom_id, raw.offset)
 
     def check(self, raw: RawLine) -> ParsedLine | LineError:
         parsed = parse_line(raw, self.limits, self.defaults)

@@ -1,13 +1,16 @@
-"""Plain values that cross the line between the runner and an engine.
+"""What crosses the line between the runner and an engine: plain values, errors, and the
+`Engine` protocol every engine (vLLM, the fake one, a Ray cluster) speaks.
 
-They are dataclasses of builtins so that they pickle cheaply to the engine process and so
-that a test can build them by hand.
+The values are dataclasses of builtins so that they pickle cheaply to the engine process and
+so that a test can build them by hand. An `Engine` lives in one process and is driven one
+step at a time, the way vLLM's own `LLMEngine` is: requests go in one by one with `add`,
+and `step` returns those that finished.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 
 class CodedError(Exception):
@@ -88,3 +91,47 @@ class EngineInfo:
     hardware: str
     load_seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
+
+
+class RequestRejected(Exception):
+    """The engine cannot take this request (a prompt too long, a template that fails...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class EngineLoadError(Exception):
+    """The model could not be loaded; the message says why in one sentence."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything an engine needs to load one configured model, as plain values."""
+
+    alias: str
+    source: str
+    backend: str = "vllm"  # "vllm" or "fake"
+    runner: str = "generate"  # "generate" or "pooling"
+    engine: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    info: EngineInfo
+
+    def add(self, request: EngineRequest) -> None:
+        """Start a request; raise RequestRejected when it cannot run."""
+
+    def step(self) -> list[EngineOutput]:
+        """Advance every running request once; return the ones that finished."""
+
+    def has_unfinished(self) -> bool: ...
+
+    def abort(self, keys: list[str]) -> None: ...
+
+    def counters(self) -> tuple[int, int]:
+        """Prompt and completion tokens processed since load, finished requests or not."""
+
+    def close(self) -> None: ...

@@ -19,15 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.engine import EngineLoadError, ModelSpec, RequestRejected
 from runner.types import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
     Choice,
     EngineInfo,
+    EngineLoadError,
     EngineOutput,
     EngineRequest,
+    ModelSpec,
+    RequestRejected,
 )
 
 # OpenAI reports -inf log probabilities as a large negative number; JSON has no -inf.
@@ -45,7 +47,7 @@ class _Gathering:
 
 
 class VllmEngine:
-    """An `Engine` (see runner.engine) backed by vLLM, in this process."""
+    """An `Engine` (see runner.types) backed by vLLM, in this process."""
 
     def __init__(self, spec: ModelSpec) -> None:
         started = time.monotonic()

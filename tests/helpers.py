@@ -120,6 +120,21 @@ def assert_every_line_once(input_path: Path, out_folder: Path) -> tuple[list, li
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def model_preparation():
+    """`scripts/prepare_models.py`, the setup step that makes the shipped models' folders,
+    imported as a module (it is a script, not part of an installed package)."""
+    import importlib.util
+    import sys
+
+    name = "prepare_models"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def shipped_config(folder: Path, **overrides: Any) -> Path:
     """The shipped config.yaml, with its folders in `folder`, its model paths absolute, the
     shipped models prepared, and `overrides` applied: real vLLM with the real small models."""
@@ -127,10 +142,8 @@ def shipped_config(folder: Path, **overrides: Any) -> Path:
 
     import yaml
 
-    from runner.convert import prepare_models
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    prepare_models(ROOT / "models")
+    model_preparation().prepare_models(ROOT / "models")
     data = yaml.safe_load((ROOT / "config.yaml").read_text())
     data.update(inbox="inbox", outbox="outbox", state="state", **overrides)
     for model in data["models"].values():

@@ -366,7 +366,7 @@ def test_what_the_engine_process_started_ends_with_it(tmp_path: Path, how: str) 
     """vLLM's engine core runs in a process the engine process starts; killed with its
     parent it would live on and keep the GPU's memory from the next engine."""
     from runner.client import EngineDied, EngineProcess
-    from runner.engine import ModelSpec
+    from runner.types import ModelSpec
 
     pidfile = tmp_path / "helper.pid"
     spec = ModelSpec("fake", "none", backend="fake", engine={"fake_helper_pidfile": str(pidfile)})

@@ -15,11 +15,12 @@ from helpers import assert_every_line_once, chat_line, read_jsonl, write_jsonl
 
 import runner.idset
 from runner.client import LocalClient
-from runner.engine import FakeEngine, ModelSpec
+from runner.fake_engine import FakeEngine
 from runner.idset import IdSet
 from runner.journal import ERRORS, RESULTS, Journal
 from runner.lines import Limits
 from runner.run import RunOptions, fail_remaining, run_lines, scan_file
+from runner.types import ModelSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 RESPONSE = {"status_code": 200, "body": {}}
@@ -132,7 +133,8 @@ import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from runner.client import LocalClient
-from runner.engine import FakeEngine, ModelSpec
+from runner.fake_engine import FakeEngine
+from runner.types import ModelSpec
 from runner.journal import Journal
 from runner.lines import Limits
 from runner.run import RunOptions, run_lines, scan_file

@@ -394,27 +394,30 @@ def test_a_utf8_bom_on_the_first_line_is_allowed():
     assert parsed(b"\xef\xbb\xbf" + json.dumps(chat_line("q1")).encode()).custom_id == "q1"
 
 
-def check_all(lines: list[dict | bytes], endpoint: str | None = None) -> list:
-    checker = LineChecker(LIMITS, None, endpoint)
-    return [checker.check(raw(line, number)) for number, line in enumerate(lines, start=1)]
+def check_all(folder: Path, lines: list[dict | bytes], endpoint: str | None = None) -> list:
+    """Each line of a file made of `lines`, checked with the rules that span lines."""
+    path = folder / "lines.jsonl"
+    path.write_bytes(b"".join(raw(line).data + b"\n" for line in lines))
+    checker = LineChecker(LIMITS, None, endpoint, path)
+    return [checker.check(line) for line in runner.lines.read_raw_lines(path, 1 << 20)]
 
 
-def test_duplicate_custom_id_fails_the_second_line_only():
-    first, second, other = check_all([chat_line("a"), chat_line("a"), chat_line("b")])
+def test_duplicate_custom_id_fails_the_second_line_only(tmp_path: Path):
+    first, second, other = check_all(tmp_path, [chat_line("a"), chat_line("a"), chat_line("b")])
     assert isinstance(first, ParsedLine) and isinstance(other, ParsedLine)
     assert isinstance(second, LineError)
     assert (second.code, second.line, second.custom_id) == ("duplicate_custom_id", 2, "a")
     assert "'a'" in second.message
 
 
-def test_duplicate_of_an_invalid_line_is_a_duplicate_too():
-    first, second = check_all([chat_line("a", temperature="hot"), chat_line("a")])
+def test_duplicate_of_an_invalid_line_is_a_duplicate_too(tmp_path: Path):
+    first, second = check_all(tmp_path, [chat_line("a", temperature="hot"), chat_line("a")])
     assert isinstance(first, LineError)
     assert isinstance(second, LineError) and second.code == "duplicate_custom_id"
 
 
-def test_mixed_endpoints_fail_the_lines_that_differ_from_the_first():
-    results = check_all([chat_line("a"), completion_line("b"), chat_line("c")])
+def test_mixed_endpoints_fail_the_lines_that_differ_from_the_first(tmp_path: Path):
+    results = check_all(tmp_path, [chat_line("a"), completion_line("b"), chat_line("c")])
     assert isinstance(results[0], ParsedLine) and isinstance(results[2], ParsedLine)
     error = results[1]
     assert isinstance(error, LineError)
@@ -422,8 +425,8 @@ def test_mixed_endpoints_fail_the_lines_that_differ_from_the_first():
     assert COMPLETIONS in error.message and CHAT in error.message
 
 
-def test_the_files_endpoint_is_that_of_its_first_valid_line():
-    results = check_all([b"junk", embedding_line("a"), chat_line("b")])
+def test_the_files_endpoint_is_that_of_its_first_valid_line(tmp_path: Path):
+    results = check_all(tmp_path, [b"junk", embedding_line("a"), chat_line("b")])
     assert [getattr(result, "code", "ok") for result in results] == [
         "invalid_json",
         "ok",
@@ -431,8 +434,8 @@ def test_the_files_endpoint_is_that_of_its_first_valid_line():
     ]
 
 
-def test_a_known_endpoint_is_enforced_from_the_first_line():
-    results = check_all([completion_line("a"), chat_line("b")], endpoint=CHAT)
+def test_a_known_endpoint_is_enforced_from_the_first_line(tmp_path: Path):
+    results = check_all(tmp_path, [completion_line("a"), chat_line("b")], endpoint=CHAT)
     assert results[0].code == "mixed_endpoints"
     assert isinstance(results[1], ParsedLine)
 

@@ -20,12 +20,20 @@ from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
 from runner.client import LocalClient
-from runner.engine import FakeEngine, ModelSpec
+from runner.fake_engine import FakeEngine
 from runner.journal import Journal
 from runner.lines import Limits
-from runner.replies import error_record, result_line, result_record
+from runner.replies import error_record, result_body, result_line
 from runner.run import RunOptions, run_lines, scan_file
-from runner.types import CHAT, COMPLETIONS, EMBEDDINGS, Choice, EngineOutput, EngineRequest
+from runner.types import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    Choice,
+    EngineOutput,
+    EngineRequest,
+    ModelSpec,
+)
 
 
 def token(text: str, logprob: float, top: list[tuple[str, float]] | None = None) -> dict:
@@ -64,6 +72,23 @@ def body_of(record: dict) -> dict:
 # ------------------------------------------------------------------------------ result lines
 
 
+def result_record(request: EngineRequest, output: EngineOutput, model: str) -> dict:
+    """A result line as it is written to `results.jsonl`, read back."""
+    return orjson.loads(result_line(request, output, model))
+
+
+def reference_record(request: EngineRequest, output: EngineOutput, model: str) -> dict:
+    """What a result line must hold, built the plain way, as nested dicts."""
+    body = result_body(request, output, model)
+    response = {"status_code": 200, "request_id": "req_reference", "body": body}
+    return {
+        "id": "batch_req_reference",
+        "custom_id": request.key,
+        "response": response,
+        "error": None,
+    }
+
+
 def without_ids(record: dict) -> dict:
     body = record["response"]["body"]
     body.pop("created", None)
@@ -87,7 +112,7 @@ def test_a_result_line_is_the_record_as_orjson_writes_it(endpoint, output):
     line = result_line(request, output, 'model "x"')
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert orjson.dumps(orjson.loads(line)) + b"\n" == line  # the bytes orjson would write
-    record = result_record(request, output, 'model "x"')
+    record = reference_record(request, output, 'model "x"')
     assert without_ids(orjson.loads(line)) == without_ids(record)
     ids = orjson.loads(line)
     assert ids["id"].startswith("batch_req_") and ids["response"]["request_id"].startswith("req_")

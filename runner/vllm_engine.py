@@ -12,11 +12,8 @@ id `f"{key}\\x00{index}"`, and the request is returned once all of them have fin
 from __future__ import annotations
 
 import os
-import platform
-import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from runner.types import (
@@ -25,12 +22,12 @@ from runner.types import (
     EMBEDDINGS,
     Choice,
     EngineInfo,
-    EngineLoadError,
     EngineOutput,
     EngineRequest,
     ModelSpec,
     RequestRejected,
 )
+from runner.vllm_setup import describe_hardware, engine_settings, first_sentence, load_llm
 
 # OpenAI reports -inf log probabilities as a large negative number; JSON has no -inf.
 MIN_LOGPROB = -9999.0
@@ -53,7 +50,7 @@ class VllmEngine:
         started = time.monotonic()
         os.environ.update(spec.environment)  # before vLLM is imported: some are read then
         self.spec = spec
-        self._llm = _load_llm(spec)
+        self._llm = load_llm(spec)
         self._engine = self._llm.llm_engine
         self._tokenizer = self._llm.get_tokenizer()
         config = self._engine.vllm_config
@@ -109,7 +106,7 @@ class VllmEngine:
         except (VLLMError, ValueError, TypeError) as error:
             if added:
                 self._engine.abort_request(added)
-            raise RequestRejected("invalid_request", _sentence(error)) from error
+            raise RequestRejected("invalid_request", first_sentence(error)) from error
         self._running[key] = added
 
     def _chat_ids(self, messages: Any) -> list[int]:
@@ -123,7 +120,7 @@ class VllmEngine:
         except Exception as error:  # noqa: BLE001 - templates raise anything (jinja, ValueError)
             raise RequestRejected(
                 "invalid_request",
-                f"the chat template could not render the messages: {_sentence(error)}",
+                f"the chat template could not render the messages: {first_sentence(error)}",
             ) from error
         # The template writes its own special tokens (BOS and the like).
         return list(self._tokenizer.encode(text, add_special_tokens=False))
@@ -150,7 +147,7 @@ class VllmEngine:
         try:
             params = SamplingParams(**options)
         except (VLLMError, ValueError, TypeError) as error:
-            raise RequestRejected("invalid_request", _sentence(error)) from error
+            raise RequestRejected("invalid_request", first_sentence(error)) from error
         # vLLM itself fills an unset max_tokens with the room the prompt leaves.
         wanted = params.max_tokens
         if wanted is None:
@@ -191,7 +188,7 @@ class VllmEngine:
                     )
                 return StructuredOutputsParams(json=schema)
         except VLLMError as error:
-            raise RequestRejected("invalid_request", _sentence(error)) from error
+            raise RequestRejected("invalid_request", first_sentence(error)) from error
         raise RequestRejected("invalid_request", f"response_format type {kind!r} is not supported")
 
     def _add_embeddings(self, request: EngineRequest) -> None:
@@ -370,35 +367,6 @@ class VllmEngine:
         self._llm = None
 
 
-def _load_llm(spec: ModelSpec) -> Any:
-    """Build vLLM's `LLM` for a spec; every failure becomes one EngineLoadError sentence."""
-    source = spec.source
-    if _looks_like_path(source) and not Path(source).expanduser().is_dir():
-        raise EngineLoadError(f"model {spec.alias!r} has no folder at {source}")
-    options: dict[str, Any] = {
-        "runner": spec.runner,
-        "trust_remote_code": False,
-        "load_format": "safetensors",
-        # The token counters feed the running estimate (see counters()).
-        "disable_log_stats": False,
-        **spec.engine,
-    }
-    try:
-        import vllm
-
-        return vllm.LLM(
-            str(Path(source).expanduser()) if _looks_like_path(source) else source, **options
-        )
-    except Exception as error:  # noqa: BLE001 - vLLM fails in many ways; all mean "no model"
-        raise EngineLoadError(
-            f"model {spec.alias!r} could not be loaded from {source}: {_sentence(error)}"
-        ) from error
-
-
-def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or Path(source).exists()
-
-
 def _plain_message(message: Any) -> dict[str, Any]:
     """A message whose content is a string, as chat templates of text models expect."""
     if not isinstance(message, dict) or "role" not in message:
@@ -424,67 +392,3 @@ def _is_token_list(value: Any) -> bool:
     )
 
 
-def _sentence(error: BaseException) -> str:
-    """The first sentence of an error (of its first item, for pydantic's), without a period."""
-    text = str(error)
-    items = getattr(error, "errors", None)
-    if callable(items):
-        try:
-            text = str(items()[0]["msg"]).removeprefix("Value error, ")
-        except (IndexError, KeyError, TypeError):
-            pass
-    lines = text.strip().splitlines()
-    first = _SENTENCE_END.split(lines[0], maxsplit=1)[0] if lines else type(error).__name__
-    return first.rstrip(".")
-
-
-_SENTENCE_END = re.compile(r"(?<=[\w)\]'\"`])\.\s+(?=[A-Z])")
-
-
-def _plain(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value).removeprefix("torch.")
-
-
-def engine_settings(config: Any) -> dict[str, Any]:
-    """The speed-relevant settings vLLM actually runs with, as JSON values."""
-    model, scheduler, cache = config.model_config, config.scheduler_config, config.cache_config
-    blocks = getattr(cache, "num_gpu_blocks", None)
-    settings = {
-        "dtype": model.dtype,
-        "max_model_len": model.max_model_len,
-        "max_num_seqs": scheduler.max_num_seqs,
-        "max_num_batched_tokens": scheduler.max_num_batched_tokens,
-        "gpu_memory_utilization": cache.gpu_memory_utilization,
-        "kv_cache_dtype": cache.cache_dtype,
-        "kv_cache_tokens": blocks * cache.block_size if blocks else None,
-        "kv_block_size": cache.block_size,
-        "enable_prefix_caching": cache.enable_prefix_caching,
-        "enforce_eager": model.enforce_eager,
-        "quantization": model.quantization,
-        "load_format": config.load_config.load_format,
-    }
-    return {name: _plain(value) for name, value in settings.items()}
-
-
-def describe_hardware() -> str:
-    """The GPU's name, or the CPU's model and core count."""
-    import torch
-
-    if torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        name = torch.cuda.get_device_name(0)
-        return name if count == 1 else f"{count} x {name}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"CPU: {_cpu_model()} ({cores} cores)"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"

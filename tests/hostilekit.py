@@ -6,7 +6,7 @@ word of its message, an outbox folder holding every line once, or nothing at all
 corpus is generated, never stored: `build_corpus` writes what must lie outside the inbox
 (link targets, originals) at once, and each item's `make` drops its part when asked.
 
-Shared by tests/test_hostile.py and benchmarks/hostile_memory.py.
+Shared by tests/test_hostile.py and tests/hostile_memory.py.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from watcher.config import Config, load_config
-from watcher.engines import EnginePool
+from watcher.engines import EngineKeeper
 from watcher.service import Service
 
 BATCHBOX = str(Path(sys.executable).parent / "batchbox")
@@ -169,7 +169,7 @@ class Harness:
 
     config: Config
     service: Service
-    pool: EnginePool
+    engines: EngineKeeper
 
     @property
     def inbox(self) -> Path:
@@ -199,10 +199,10 @@ class Harness:
 
 def start_service(root: Path, **overrides: Any) -> Harness:
     config = load_config(write_config(root, **overrides))
-    pool = EnginePool(in_process=True)
-    service = Service(config, pool=pool)
+    engines = EngineKeeper(in_process=True)
+    service = Service(config, engines=engines)
     service.start()
-    return Harness(config=config, service=service, pool=pool)
+    return Harness(config=config, service=service, engines=engines)
 
 
 def stop_service(harness: Harness) -> None:

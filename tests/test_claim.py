@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-import watcher.commands
 import watcher.jobs
+import watcher.spool
 from watcher.claim import ClaimError, ClaimLost, claim_and_validate, claim_job
 from watcher.config import Config, load_config
-from watcher.execute import INPUT
 from watcher.jobs import JobStatus, load_job
+from watcher.spool import INPUT
 
 LINE = {
     "custom_id": "q1",
@@ -192,7 +192,7 @@ def test_a_job_id_drawn_twice_is_drawn_again(config: Config, monkeypatch) -> Non
     # Ids have four random hex digits per second, so a burst of drops can draw one twice.
     moment = datetime(2026, 11, 26, 18, 30, tzinfo=timezone.utc)
     draws = iter(["abcd", "abcd", "abcd", "beef"])
-    monkeypatch.setattr(watcher.commands, "now", lambda: moment)
+    monkeypatch.setattr(watcher.spool, "now", lambda: moment)
     monkeypatch.setattr(watcher.jobs.secrets, "token_hex", lambda size: next(draws))
     first, _ = claim_job(drop(config, "a.jsonl"), config, 1)
     second, _ = claim_job(drop(config, "b.jsonl"), config, 2)

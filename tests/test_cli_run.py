@@ -23,9 +23,9 @@ from helpers import (
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
-import watcher.commands
+import watcher.commands.run
 from watcher.cli import main
-from watcher.engines import EnginePool
+from watcher.engines import EngineKeeper
 
 CONFIG = """\
 default_model: fake
@@ -60,7 +60,9 @@ def site(tmp_path: Path) -> Path:
 @pytest.fixture
 def cli(site: Path, capsys, monkeypatch):
     """`batchbox -c site run ...` in this process, with the fake engine in this process too."""
-    monkeypatch.setattr(watcher.commands, "EnginePool", functools.partial(EnginePool, True))
+    monkeypatch.setattr(
+        watcher.commands.run, "EngineKeeper", functools.partial(EngineKeeper, True)
+    )
     monkeypatch.delenv("BATCHBOX_CONFIG", raising=False)
     interrupt = signal.getsignal(signal.SIGINT)
 

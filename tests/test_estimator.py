@@ -14,7 +14,7 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-import watcher.commands
+import watcher.commands.bench
 from benchmarks.estimator import (
     COLD,
     JobShape,
@@ -31,7 +31,7 @@ from benchmarks.estimator import (
 )
 from benchmarks.record import read_history
 from watcher.cli import main
-from watcher.engines import EnginePool
+from watcher.engines import EngineKeeper
 from watcher.jobqueue import plan_queue
 from watcher.jobs import Job
 
@@ -342,7 +342,9 @@ def site(tmp_path: Path) -> Path:
 @pytest.fixture
 def batchbox(site: Path, capsys, monkeypatch):
     """`batchbox -c site ...` in this process, with the fake engine in this process too."""
-    monkeypatch.setattr(watcher.commands, "EnginePool", functools.partial(EnginePool, True))
+    monkeypatch.setattr(
+        watcher.commands.bench, "EngineKeeper", functools.partial(EngineKeeper, True)
+    )
     monkeypatch.delenv("BATCHBOX_CONFIG", raising=False)
     interrupt, terminate = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
 

@@ -36,12 +36,12 @@ from crashkit import (
 from helpers import assert_every_line_once
 from servicekit import read_json, run_until, write_config
 
-import watcher.commands
+import watcher.commands.run
 from runner.journal import RESULTS, Journal
-from watcher import service as service_module
+from watcher import diskwait
 from watcher.cli import main
 from watcher.config import load_config
-from watcher.engines import EnginePool
+from watcher.engines import EngineKeeper
 from watcher.service import Service
 
 CALLS = ("fsync", "replace", "rename", "write")
@@ -105,7 +105,7 @@ def files() -> list[Dropped]:
 
 def new_service(root: Path) -> Service:
     config = load_config(root / "config.yaml")
-    service = Service(config, pool=EnginePool(in_process=True))
+    service = Service(config, engines=EngineKeeper(in_process=True))
     service.start()
     return service
 
@@ -194,8 +194,8 @@ PAIRS = [
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(service_module, "DISK_RETRY_SECONDS", 0.05)
-    monkeypatch.setattr(service_module, "DISK_RETRY_MAX_SECONDS", 0.2)
+    monkeypatch.setattr(diskwait, "DISK_RETRY_SECONDS", 0.05)
+    monkeypatch.setattr(diskwait, "DISK_RETRY_MAX_SECONDS", 0.2)
 
 
 @pytest.mark.parametrize(
@@ -240,7 +240,9 @@ def test_batchbox_run_on_a_failing_disk_exits_1_with_a_sentence_and_resumes(
     name: str,
     code: int,
 ) -> None:
-    monkeypatch.setattr(watcher.commands, "EnginePool", functools.partial(EnginePool, True))
+    monkeypatch.setattr(
+        watcher.commands.run, "EngineKeeper", functools.partial(EngineKeeper, True)
+    )
     monkeypatch.delenv("BATCHBOX_CONFIG", raising=False)
     interrupt = signal.getsignal(signal.SIGINT)
     disk = Disk(monkeypatch)
@@ -327,7 +329,7 @@ def fill(folder: Path, leave: int = 0) -> list[Path]:
 def test_a_disk_that_fills_up_mid_job_makes_it_wait_and_it_completes_once_space_is_back(
     small_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service_module, "DISK_RETRY_SECONDS", 0.2)
+    monkeypatch.setattr(diskwait, "DISK_RETRY_SECONDS", 0.2)
     log = tmp_path / "requests.log"  # outside the small disk
     write_config(
         small_disk,
@@ -345,7 +347,7 @@ def test_a_disk_that_fills_up_mid_job_makes_it_wait_and_it_completes_once_space_
         run_until(service, lambda: service.running is not None and service.running.done > 0.1, 20)
         filler = fill(small_disk / "filler")
         # The journal's next write fails: the job stops, keeps what is durable, and waits.
-        run_until(service, lambda: service.running is None and service.readopt, 20)
+        run_until(service, lambda: service.running is None and service.disk.waiting_jobs, 20)
         assert sidecars_are_whole(inbox) == []
         assert read_json(inbox / "big.status")["status"] == "in_progress"
         assert not (small_disk / "outbox" / "big").exists()
@@ -360,7 +362,7 @@ def test_a_disk_that_fills_up_mid_job_makes_it_wait_and_it_completes_once_space_
             service.tick()
             time.sleep(0.01)
         assert (inbox / "late.jsonl").exists() and not (inbox / "late.status").exists()
-        assert service.running is None and service.readopt
+        assert service.running is None and service.disk.waiting_jobs
         assert sidecars_are_whole(inbox) == []
         note = read_json(inbox / "big.status")
         assert note["status"] == "in_progress"

@@ -38,8 +38,10 @@ from servicekit import (
     wait_for,
     write_config,
 )
+from structlog.testing import capture_logs
 
-from watcher import execute, service
+from watcher import deliver
+from watcher import etas as eta_module
 
 SLOW = {"fake_seconds_per_step": 0.05, "fake_batch": 2}  # 40 requests a second
 
@@ -144,13 +146,13 @@ def test_the_final_status_appears_only_once_the_outbox_folder_is_there(
     # Look at the sidecar just before the outbox folder appears, the way a script polling it
     # might: a script that reads "completed" must find the outbox folder the status names.
     seen_before_delivery: list[str | None] = []
-    deliver = execute.deliver_folder
+    deliver_folder = deliver.deliver_folder
 
     def watched_deliver(source: Path, target: Path) -> None:
         seen_before_delivery.append(status_of(harness.inbox / "early.status"))
-        deliver(source, target)
+        deliver_folder(source, target)
 
-    monkeypatch.setattr(execute, "deliver_folder", watched_deliver)
+    monkeypatch.setattr(deliver, "deliver_folder", watched_deliver)
     harness.drop_and_finish("early.jsonl", chat_file(3))
     [state] = seen_before_delivery
     assert state not in FINAL
@@ -170,7 +172,7 @@ def test_a_job_delivered_just_before_a_crash_gets_its_final_sidecars_at_the_next
     def power_cut(job, status) -> None:
         raise Crash
 
-    monkeypatch.setattr(execute, "mark_finished", power_cut)  # right after the delivery
+    monkeypatch.setattr(deliver, "mark_finished", power_cut)  # right after the delivery
     try:
         drop(inbox, "cut.jsonl", chat_file(3))
         harness.run_until(lambda: (outbox / "cut" / "status.json").is_file(), 5)
@@ -216,7 +218,7 @@ def test_queue_positions_priority_and_first_come_first_served(slow_harness: Harn
     etas = [read_json(inbox / f"{stem}.eta") for stem in ("urgent", "early", "late")]
     # Later in the queue, later expected: up to the slack within which an eta is not rewritten.
     finishes = [datetime.fromisoformat(eta["eta"]).timestamp() for eta in etas]
-    slack = service.ETA_SLACK_SECONDS + 1
+    slack = eta_module.ETA_SLACK_SECONDS + 1
     assert all(later >= earlier - slack for earlier, later in zip(finishes, finishes[1:]))
     assert "3 jobs ahead in the queue" in etas[2]["basis"]
 
@@ -456,23 +458,30 @@ def test_a_cancel_for_no_job_is_removed_and_nothing_else_happens(harness: Harnes
 # -- the engine ----------------------------------------------------------------------------
 
 
+def engine_loads(logs: list[dict]) -> int:
+    return sum(1 for entry in logs if entry["event"] == "engine_loaded")
+
+
 def test_the_engine_is_loaded_once_per_run_of_jobs_for_one_model(harness: Harness) -> None:
-    for index, model in enumerate(["fake", "other", "fake", "fake"]):
-        result = harness.drop_and_finish(f"job{index}.jsonl", chat_file(2), harness.inbox / model)
-        assert result.status["model"] == model
-    assert harness.pool.loads == 3
+    with capture_logs() as logs:
+        for index, model in enumerate(["fake", "other", "fake", "fake"]):
+            folder = harness.inbox / model
+            result = harness.drop_and_finish(f"job{index}.jsonl", chat_file(2), folder)
+            assert result.status["model"] == model
+    assert engine_loads(logs) == 3
 
 
 def test_the_engine_is_unloaded_after_idle_unload_seconds(tmp_path: Path) -> None:
     harness = start_service(tmp_path, idle_unload_seconds=0.5)
     try:
-        harness.drop_and_finish("job.jsonl", chat_file(2))
-        done = time.monotonic()
-        assert harness.pool.model == "fake"
-        harness.run_until(lambda: harness.pool.model is None, 3)
-        assert time.monotonic() - done >= 0.3
-        harness.drop_and_finish("next.jsonl", chat_file(2))
-        assert harness.pool.loads == 2
+        with capture_logs() as logs:
+            harness.drop_and_finish("job.jsonl", chat_file(2))
+            done = time.monotonic()
+            assert harness.engines.model == "fake"
+            harness.run_until(lambda: harness.engines.model is None, 3)
+            assert time.monotonic() - done >= 0.3
+            harness.drop_and_finish("next.jsonl", chat_file(2))
+        assert engine_loads(logs) == 2
     finally:
         stop_service(harness)
 

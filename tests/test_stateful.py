@@ -25,7 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 from servicekit import FINAL, write_config
 
 from watcher.config import load_config
-from watcher.engines import EnginePool
+from watcher.engines import EngineKeeper
 from watcher.service import Service
 
 
@@ -86,7 +86,7 @@ class Appliance(RuleBasedStateMachine):
     @rule()
     def restart(self) -> None:
         config = load_config(self.root / "config.yaml")
-        self.service = Service(config, pool=EnginePool(in_process=True))
+        self.service = Service(config, engines=EngineKeeper(in_process=True))
         self.service.start()
 
     @precondition(lambda self: self.service is not None)
@@ -102,7 +102,7 @@ class Appliance(RuleBasedStateMachine):
         if service.observer is not None:
             service.observer.stop()
             service.observer.join(5)
-        service.pool.close()
+        service.engines.close()
         self.power.cut = False
         self.service = None
         self.kills += 1

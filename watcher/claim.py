@@ -14,16 +14,14 @@ import shutil
 import stat
 from pathlib import Path
 
-from runner.durable import fsync_dir, fsync_regular_file, rename_durably, write_json_atomic
-from watcher.commands import new_spool_job
+from runner.durable import fsync_dir, fsync_regular_file, rename_durably
 from watcher.config import Config
-from watcher.execute import INPUT, check_job
 from watcher.inbox import stem_of
-from watcher.jobs import JOB_RECORD, Job, fail_job, write_status
+from watcher.jobs import Job, fail_job, write_record, write_status
 from watcher.machine import one_filesystem_problem
-from watcher.tickets import TicketError, find_ticket, load_ticket
-
-ID_ATTEMPTS = 5
+from watcher.spool import INPUT, new_spool_job
+from watcher.tickets import find_ticket, read_ticket_into
+from watcher.validate import check_job
 
 
 class ClaimError(Exception):
@@ -64,7 +62,7 @@ def claim_job(path: Path, config: Config, sequence: int) -> tuple[Job, str | Non
     The job is in state `validating`; when its ticket is bad it already carries the error.
     """
     subdir = inbox_subdir(path, config.folder("inbox"))
-    job = _new_job(config, stem_of(path.name), subdir, path.parent)
+    job = new_spool_job(config.folder("state"), stem_of(path.name), subdir, path.parent)
     job.sequence = sequence
     _take_input(path, job, config)
     try:
@@ -76,17 +74,6 @@ def claim_job(path: Path, config: Config, sequence: int) -> tuple[Job, str | Non
     return job, ticket_model
 
 
-def _new_job(config: Config, stem: str, subdir: str, sidecar_dir: Path) -> Job:
-    # Job ids carry four random hex digits per second (SPEC's format), so a burst of drops
-    # can draw the same id twice; mkdir refuses the second, and a fresh draw fixes it.
-    for _ in range(ID_ATTEMPTS - 1):
-        try:
-            return new_spool_job(config, stem, subdir, sidecar_dir=sidecar_dir)
-        except FileExistsError:
-            continue
-    return new_spool_job(config, stem, subdir, sidecar_dir=sidecar_dir)
-
-
 def _take_input(path: Path, job: Job, config: Config) -> None:
     target = job.out / INPUT
     # The record goes first: after a crash, a spool folder holding an input always has a
@@ -94,7 +81,7 @@ def _take_input(path: Path, job: Job, config: Config) -> None:
     # the inbox. The new folders, and the data of the file itself (an uploader need not
     # have synced it), must be durable before its only name moves into the spool.
     try:
-        write_json_atomic(job.work / JOB_RECORD, job.to_record())
+        write_record(job)
         for folder in (job.work.parent, job.work.parent.parent):
             fsync_dir(folder)
         fsync_regular_file(path)
@@ -148,18 +135,12 @@ def _take_ticket(path: Path, job: Job) -> str | None:
         rename_durably(ticket_path, target)
     except FileNotFoundError:
         return None  # removed by its owner in the meantime: the job runs without one
-    job.has_ticket = True
     if not stat.S_ISREG(os.lstat(target).st_mode):
         # Swapped after find_ticket looked: reading a FIFO would block the service.
+        job.has_ticket = True
         fail_job(job, "invalid_ticket", f"ticket {ticket_path.name} is not a regular file")
         return None
-    try:
-        ticket = load_ticket(target)
-    except TicketError as error:
-        fail_job(job, "invalid_ticket", str(error))
-        return None
-    job.priority, job.metadata, job.defaults = ticket.priority, ticket.metadata, ticket.defaults
-    return ticket.model
+    return read_ticket_into(job, target)
 
 
 def take_ticket_left_behind(job: Job) -> None:

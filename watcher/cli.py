@@ -1,5 +1,5 @@
-"""The `batchbox` command. Exit status 0 on success, 2 for a bad config or bad arguments,
-1 for anything else; errors are one plain sentence on standard error."""
+"""The `batchbox` command: arguments in, one command run, errors out as an exit status and
+one plain sentence on standard error (0 success, 2 bad config or arguments, 1 otherwise)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,20 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from importlib import import_module
 
 from watcher.config import Config, ConfigError, find_config, load_config
+from watcher.errors import EXIT_FAILED, EXIT_USAGE, CommandFailed, UsageError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """Bad arguments: exit status 2."""
-
-
-class CommandFailed(Exception):
-    """The command could not do its work: exit status 1."""
+# Each command: the module under watcher.commands and the function in it.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("serve", "serve"),
+    "run": ("run", "run_file"),
+    "status": ("status", "show_status"),
+    "estimate": ("estimate", "show_estimate"),
+    "check": ("check", "check"),
+    "bench": ("bench", "bench_model"),
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -46,24 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _handlers() -> dict[str, Callable[[argparse.Namespace, Config], int]]:
-    from watcher import commands
-
-    return {
-        "run": commands.run_file,
-        "check": commands.check,
-        "serve": commands.serve,
-        "status": commands.status,
-        "estimate": commands.estimate,
-        "bench": commands.bench,
-    }
+def handler(command: str) -> Callable[[argparse.Namespace, Config], int]:
+    module, function = COMMANDS[command]
+    return getattr(import_module(f"watcher.commands.{module}"), function)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         config = load_config(find_config(args.config))
-        return _handlers()[args.command](args, config)
+        return handler(args.command)(args, config)
     except (UsageError, ConfigError) as error:
         print(f"batchbox: {error}", file=sys.stderr)
         return EXIT_USAGE

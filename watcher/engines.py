@@ -14,14 +14,13 @@ from runner.types import ModelSpec
 log = structlog.get_logger()
 
 
-class EnginePool:
+class EngineKeeper:
     def __init__(self, in_process: bool = False) -> None:
         # In-process engines are for tests with the fake backend: no child process to start.
         self.in_process = in_process
         self.spec: ModelSpec | None = None
         self.client: EngineClient | None = None
         self.last_used = time.monotonic()
-        self.loads = 0
 
     def client_for(self, spec: ModelSpec) -> tuple[EngineClient, float]:
         self.last_used = time.monotonic()
@@ -35,7 +34,6 @@ class EnginePool:
         else:
             self.client = EngineProcess(spec)
         self.spec = spec
-        self.loads += 1
         seconds = time.monotonic() - started
         log.info("engine_loaded", model=spec.alias, seconds=round(seconds, 2))
         return self.client, seconds

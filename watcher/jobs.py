@@ -1,27 +1,29 @@
-"""A job and its eight states, with one transition function per state.
+"""A job and its eight states: the one place a job's status changes.
 
-Every transition writes the job's record in the spool and its `.status` sidecar in the same
-call, so no state change can go unreported.
+Every change goes through `move`, which refuses a transition the lifecycle does not have,
+and every `mark_*` function writes the job's record in the spool and its `.status` sidecar in
+the same call, so no state change can go unreported. The record on disk is a typed,
+versioned structure (`JobRecord`), independent of this module's attribute names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import orjson
-import structlog
+import msgspec
 
-from runner.durable import is_disk_trouble, write_json_atomic
-
-log = structlog.get_logger()
+from runner.durable import write_atomic
+from watcher.sidecars import ETA, STATUS, eta_document, now, status_document, write_sidecar
 
 JOB_RECORD = "job.json"
 OUT = "out"  # the folder inside a job's spool folder that becomes its outbox folder
+RECORD_VERSION = 1
 
 
 class JobStatus(str, Enum):
@@ -39,12 +41,33 @@ class JobStatus(str, Enum):
         return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
-def now() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
+# Where each state may go. Staying in a state is always allowed: a restart writes a
+# recovered job's state again. `batchbox run` has no queue: its job goes from validating
+# straight to in_progress.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.VALIDATING: frozenset(
+        {JobStatus.QUEUED, JobStatus.IN_PROGRESS, JobStatus.FINALIZING}
+    ),
+    JobStatus.QUEUED: frozenset(
+        {JobStatus.IN_PROGRESS, JobStatus.CANCELLING, JobStatus.FINALIZING}
+    ),
+    JobStatus.IN_PROGRESS: frozenset({JobStatus.CANCELLING, JobStatus.FINALIZING}),
+    JobStatus.CANCELLING: frozenset({JobStatus.FINALIZING}),
+    JobStatus.FINALIZING: frozenset(
+        {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
+    ),
+    JobStatus.COMPLETED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
 
 
-def iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment else None
+class TransitionError(Exception):
+    """A status change the lifecycle does not have: a bug, never a user's doing."""
+
+
+class RecordError(ValueError):
+    """A job record that cannot be read as one."""
 
 
 def new_job_id(moment: datetime) -> str:
@@ -95,41 +118,39 @@ class Job:
     def input_name(self) -> str:
         return f"{self.subdir}/{self.stem}.jsonl" if self.subdir else f"{self.stem}.jsonl"
 
+    def sidecar(self, suffix: str) -> Path | None:
+        return None if self.sidecar_dir is None else self.sidecar_dir / f"{self.stem}{suffix}"
+
     def status_document(self) -> dict[str, Any]:
         """The `.status` sidecar, in SPEC section 4's format."""
         throughput = None
         if self.tokens_per_second is not None:
-            throughput = {
-                "tokens_per_second": round(self.tokens_per_second, 1),
-                "requests_per_second": round(self.requests_per_second or 0.0, 2),
-            }
-        return {
-            "id": self.id,
-            "input": self.input_name,
-            "model": self.model,
-            "endpoint": self.endpoint,
-            "status": self.status.value,
-            "request_counts": {
-                "total": self.total,
-                "completed": self.completed,
-                "failed": self.failed,
-            },
-            "queue_position": self.queue_position,
-            "created_at": iso(self.created_at),
-            "in_progress_at": iso(self.in_progress_at),
-            "completed_at": iso(self.completed_at),
-            "updated_at": iso(now()),
-            "eta": iso(self.eta),
-            "usage": {
-                "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens,
-            },
-            "throughput": throughput,
-            "outbox": self.outbox,
-            "errors": self.errors,
-            "priority": self.priority,
-            "metadata": self.metadata,
-        }
+            throughput = (self.tokens_per_second, self.requests_per_second or 0.0)
+        return status_document(
+            id=self.id,
+            input=self.input_name,
+            model=self.model,
+            endpoint=self.endpoint,
+            status=self.status.value,
+            counts=(self.total, self.completed, self.failed),
+            queue_position=self.queue_position,
+            created_at=self.created_at,
+            in_progress_at=self.in_progress_at,
+            completed_at=self.completed_at,
+            eta=self.eta,
+            usage=(self.prompt_tokens, self.completion_tokens),
+            throughput=throughput,
+            outbox=self.outbox,
+            errors=self.errors,
+            priority=self.priority,
+            metadata=self.metadata,
+        )
+
+    def final_document(self, final: JobStatus) -> dict[str, Any]:
+        """The status the job will have once delivered, for the outbox's `status.json`,
+        written before the job's own status may say so."""
+        finished = dataclasses.replace(self, status=final, completed_at=now(), eta=None)
+        return finished.status_document()
 
     def summary(self) -> dict[str, Any]:
         """The one log line a finished job gets."""
@@ -145,108 +166,157 @@ class Job:
             "outbox": self.outbox,
         }
 
-    def to_record(self) -> dict[str, Any]:
-        record = asdict(self)
-        record["status"] = self.status.value
-        for key in ("work", "sidecar_dir"):
-            record[key] = str(record[key]) if record[key] is not None else None
-        for key in ("created_at", "in_progress_at", "completed_at", "eta"):
-            record[key] = iso(record[key])
-        return record
 
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Job:
-        values = dict(record)
-        values["status"] = JobStatus(values["status"])
-        values["work"] = Path(values["work"])
-        if values.get("sidecar_dir") is not None:
-            values["sidecar_dir"] = Path(values["sidecar_dir"])
-        for key in ("created_at", "in_progress_at", "completed_at", "eta"):
-            if values.get(key):
-                values[key] = datetime.fromisoformat(values[key])
-        return cls(**values)
+class JobRecord(msgspec.Struct, kw_only=True):
+    """A job as its spool record `job.json` holds it. Field names here are the format: a
+    record written by this version loads in the next, and keys it does not know are
+    ignored, so a record from a newer batchbox with added keys still loads."""
+
+    version: int = RECORD_VERSION
+    id: str
+    stem: str
+    subdir: str
+    work: str
+    sidecar_dir: str | None
+    sequence: int = 0
+    priority: int = 0
+    model: str | None = None
+    endpoint: str | None = None
+    status: JobStatus = JobStatus.VALIDATING
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    created_at: datetime
+    in_progress_at: datetime | None = None
+    completed_at: datetime | None = None
+    eta: datetime | None = None
+    queue_position: int | None = None
+    tokens_per_second: float | None = None
+    requests_per_second: float | None = None
+    outbox: str | None = None
+    errors: list[dict[str, Any]] = []
+    metadata: dict[str, Any] = {}
+    defaults: dict[str, Any] = {}
+    prompt_chars: int = 0
+    max_tokens: list[list[int | None]] = []
+    estimate: dict[str, Any] | None = None
+    has_ticket: bool = False
+    origin: str | None = None
+    final: str | None = None
+    input_signature: list[int] | None = None
+
+
+# The fields a record and a job share, by name; paths are strings in the record.
+_PATHS = ("work", "sidecar_dir")
+_SHARED = tuple(name for name in JobRecord.__struct_fields__ if name != "version")
+
+
+def encode_record(job: Job) -> bytes:
+    values = {name: getattr(job, name) for name in _SHARED}
+    for name in _PATHS:
+        values[name] = None if values[name] is None else str(values[name])
+    return msgspec.json.encode(JobRecord(**values))
+
+
+def decode_record(data: bytes) -> Job:
+    try:
+        record = msgspec.json.decode(data, type=JobRecord)
+    except msgspec.MsgspecError as error:
+        raise RecordError(f"not a job record: {error}") from None
+    if record.version > RECORD_VERSION:
+        raise RecordError(f"written by a newer batchbox (record version {record.version})")
+    values = {name: getattr(record, name) for name in _SHARED}
+    for name in _PATHS:
+        values[name] = None if values[name] is None else Path(values[name])
+    return Job(**values)
 
 
 def load_job(work: Path) -> Job:
-    return Job.from_record(orjson.loads((work / JOB_RECORD).read_bytes()))
+    return decode_record((work / JOB_RECORD).read_bytes())
 
 
-def sidecar(job: Job, suffix: str) -> Path | None:
-    if job.sidecar_dir is None:
-        return None
-    return job.sidecar_dir / f"{job.stem}{suffix}"
-
-
-def write_sidecar(path: Path, document: dict[str, Any]) -> None:
-    """Write a sidecar atomically. A name the inbox cannot hold (too long, taken by a folder)
-    is logged and the job goes on without it; a full or failing disk is raised."""
-    try:
-        write_json_atomic(path, document)
-    except OSError as error:
-        if is_disk_trouble(error):
-            raise
-        log.warning("sidecar_not_written", path=str(path), error=str(error))
+def write_record(job: Job) -> None:
+    """Persist the job's record in the spool, atomically, and nothing else."""
+    write_atomic(job.work / JOB_RECORD, encode_record(job))
 
 
 def write_status(job: Job) -> None:
-    """Persist the job and rewrite its `.status` sidecar, both atomically."""
-    write_json_atomic(job.work / JOB_RECORD, job.to_record())
-    path = sidecar(job, ".status")
+    """Persist the job's record and rewrite its `.status` sidecar, both atomically."""
+    write_record(job)
+    path = job.sidecar(STATUS)
     if path is not None and path.parent.is_dir():
         write_sidecar(path, job.status_document())
 
 
 def write_eta(job: Job, seconds: float, basis: str) -> None:
     """The `.eta` sidecar: when the job is expected to finish, and what that rests on."""
-    path = sidecar(job, ".eta")
+    path = job.sidecar(ETA)
     written = now()
     job.eta = written + timedelta(seconds=round(seconds))
     if path is not None and path.parent.is_dir():
-        document = {
-            "eta": iso(job.eta),
-            "seconds_remaining": round(seconds),
-            "written_at": iso(written),
-            "basis": basis,
-        }
-        write_sidecar(path, document)
+        write_sidecar(path, eta_document(job.eta, seconds, written, basis))
 
 
 def fail_job(job: Job, code: str, message: str, line: int | None = None) -> None:
+    """Note a job-level error; the job is delivered as failed by whoever finishes it."""
     error: dict[str, Any] = {"code": code, "message": message}
     if line is not None:
         error["line"] = line
     job.errors.append(error)
 
 
+def move(job: Job, status: JobStatus) -> None:
+    """Change the job's status, refusing a change the lifecycle does not have."""
+    if status is not job.status and status not in TRANSITIONS[job.status]:
+        raise TransitionError(f"job {job.id} cannot go from {job.status.value} to {status.value}")
+    job.status = status
+
+
 def mark_queued(job: Job) -> None:
-    job.status = JobStatus.QUEUED
+    move(job, JobStatus.QUEUED)
     write_status(job)
 
 
 def mark_in_progress(job: Job) -> None:
-    job.status = JobStatus.IN_PROGRESS
+    move(job, JobStatus.IN_PROGRESS)
     job.queue_position = None
     job.in_progress_at = job.in_progress_at or now()
     write_status(job)
 
 
 def mark_cancelling(job: Job) -> None:
-    job.status = JobStatus.CANCELLING
+    move(job, JobStatus.CANCELLING)
     write_status(job)
 
 
-def mark_finalizing(job: Job) -> None:
-    job.status = JobStatus.FINALIZING
+def mark_finalizing(job: Job, final: JobStatus) -> None:
+    """Finishing begins: the record says how the job ends, so a restart finishes it so."""
+    assert final.finished
+    if final is JobStatus.CANCELLED and job.status is not JobStatus.FINALIZING:
+        mark_cancelling(job)
+    job.final = final.value
+    move(job, JobStatus.FINALIZING)
     write_status(job)
 
 
 def mark_finished(job: Job, status: JobStatus) -> None:
     assert status.finished
-    job.status = status
+    move(job, status)
     job.queue_position = None
     job.completed_at = now()
     job.eta = None
-    eta = sidecar(job, ".eta")
+    eta = job.sidecar(ETA)
     if eta is not None and eta.is_file():
         eta.unlink(missing_ok=True)  # first, so a reader never sees it beside a final status
     write_status(job)
+
+
+def resume_finishing(job: Job) -> None:
+    """A record that says finished while its spool folder is still there: the finish was
+    cut short after the record was written (records of older versions said the final state
+    before delivery). It goes back to finalizing, from where it is finished once."""
+    assert job.status.finished
+    job.final = job.final or job.status.value
+    job.status = JobStatus.FINALIZING

@@ -1,4 +1,5 @@
-"""Tickets: `<stem>.yaml` beside a job's data file, with the few keys a user may set.
+"""Tickets: `<stem>.yaml` beside a job's data file, with the few keys a user may set, and
+the one place a ticket is applied to a job.
 
 A ticket can never set engine options, model sources, paths or anything that runs code:
 the schema forbids every other key, and safe loading refuses every YAML tag.
@@ -13,6 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from watcher.config import ConfigError, describe_errors, load_yaml
+from watcher.jobs import Job, fail_job
 
 TICKET_SUFFIXES = (".yaml", ".yml")
 
@@ -73,3 +75,21 @@ def load_ticket(path: Path, max_bytes: int = 1 << 20) -> Ticket:
             for line in describe_errors(error)
         )
         raise TicketError(f"ticket {path.name}: {problems}") from None
+
+
+def apply_ticket(job: Job, ticket: Ticket) -> str | None:
+    """Give the job what its ticket sets; the model the ticket names, if any."""
+    job.has_ticket = True
+    job.priority, job.metadata, job.defaults = ticket.priority, ticket.metadata, ticket.defaults
+    return ticket.model
+
+
+def read_ticket_into(job: Job, path: Path) -> str | None:
+    """Load a ticket and apply it; a bad ticket becomes the job's error. The model it names."""
+    job.has_ticket = True
+    try:
+        ticket = load_ticket(path)
+    except TicketError as error:
+        fail_job(job, "invalid_ticket", str(error))
+        return None
+    return apply_ticket(job, ticket)

@@ -7,7 +7,10 @@ the tickets, ...) batch by batch, and samples the resident set of the service an
 children (the engine process) every 0.1 s until every item is handled. Prints the baseline
 next to the peaks, for the whole run and for each batch.
 
-    python benchmarks/hostile_memory.py
+    python tests/hostile_memory.py
+
+It lives beside its corpus in tests/, as the measurement of a test corpus, not of a user's
+workload.
 
 The drops that stop or freeze the service (hostilekit.SOLO) are left out: they would end
 the measurement, not load it.
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hostilekit import (  # noqa: E402
     CorpusRun,

@@ -1,0 +1,98 @@
+"""The one job that runs: the queue hands it to a worker thread, which runs it through the
+engine process and delivers it, while the main loop goes on serving events and sidecars."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from runner.durable import is_disk_trouble
+from runner.run import Progress
+from watcher.config import Config
+from watcher.deliver import deliver_job
+from watcher.execute import DiskTrouble, EngineProvider, RunHooks, execute_job
+from watcher.jobs import Job, JobStatus, fail_job
+
+log = structlog.get_logger()
+
+
+@dataclass
+class Running:
+    job: Job
+    thread: threading.Thread = field(default_factory=lambda: threading.Thread(target=None))
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: float = field(default_factory=time.monotonic)
+    load_seconds: float = 0.0  # the expected model load before it runs, 0 when loaded
+    run_started: float | None = None
+    done: float = 0.0  # the fraction of the job's requests done
+    last_status: float = 0.0
+    latest: Progress | None = None
+    # tokens of requests finished before a restart, which this run's engine did not count
+    earlier_tokens: tuple[int, int] | None = None
+    trouble: OSError | None = None  # the disk error that stopped it, to resume later
+
+    def note_progress(self, progress: Progress) -> None:
+        job = self.job
+        if self.run_started is None:
+            self.run_started = time.monotonic()
+        if self.earlier_tokens is None:
+            self.earlier_tokens = (progress.tally.prompt_tokens, progress.tally.completion_tokens)
+        self.latest = progress
+        self.done = (job.completed + job.failed) / job.total if job.total else 1.0
+
+
+def start_job(
+    running: Running,
+    config: Config,
+    engines: EngineProvider,
+    outbox: Path,
+    on_progress: Callable[[Running, Progress], None],
+    stopping: threading.Event,
+    on_end: Callable[[], None],
+) -> None:
+    """Run the job on a thread of its own; `on_end` is called when the thread is done."""
+    job = running.job
+    hooks = RunHooks(
+        on_progress=lambda job, progress: on_progress(running, progress),
+        cancel_requested=running.cancel.is_set,
+        stop_requested=stopping.is_set,
+    )
+
+    def work() -> None:
+        try:
+            execute_job(job, config, engines, outbox, hooks)
+        except DiskTrouble as trouble:
+            running.trouble = trouble.error
+        except Exception as error:  # noqa: BLE001 - a bug must not leave it in_progress
+            log.exception("job_crashed", job=job.id)
+            if not stopping.is_set():
+                running.trouble = fail_crashed(job, config, outbox, error)
+        finally:
+            on_end()
+
+    running.thread = threading.Thread(target=work, name=f"job-{job.id}", daemon=True)
+    log.info("job_started", job=job.id, input=job.input_name, model=job.model)
+    running.thread.start()
+
+
+def fail_crashed(job: Job, config: Config, outbox: Path, error: Exception) -> OSError | None:
+    """Deliver a job whose run raised something unforeseen as failed, with what it has; the
+    disk error that stopped the delivery, if one did (it is delivered later).
+
+    Not called while the service stops: the error may be the stop itself (an engine ended
+    under it), and the job resumes at the next start instead."""
+    try:
+        fail_job(job, "internal_error", f"the run failed: {type(error).__name__}: {error}")
+        deliver_job(job, config, outbox, JobStatus.FAILED)
+    except OSError as delivery_error:
+        if is_disk_trouble(delivery_error):
+            return delivery_error
+        log.exception("job_not_delivered", job=job.id)
+    except Exception:  # noqa: BLE001 - the spool keeps it for the next start
+        log.exception("job_not_delivered", job=job.id)
+    return None

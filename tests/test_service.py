@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from helpers import requires_tool
 from servicekit import (
     FINAL,
     Harness,
@@ -537,7 +538,9 @@ def test_a_slow_writer_is_not_claimed_before_its_file_is_complete(server: Server
     assert len(server.events("job_claimed")) == 1
 
 
-@pytest.mark.parametrize("upload", ["rsync", "part-then-rename", "cp"])
+@pytest.mark.parametrize(
+    "upload", [pytest.param("rsync", marks=requires_tool("rsync")), "part-then-rename", "cp"]
+)
 def test_an_upload_is_claimed_once(server: Server, tmp_path: Path, upload: str) -> None:
     inbox = server.config.folder("inbox")
     outbox = server.config.folder("outbox")

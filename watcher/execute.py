@@ -28,6 +28,7 @@ from runner.durable import (
     write_json_atomic,
 )
 from runner.engine import EngineLoadError, ModelSpec
+from runner.engine_args import engine_problems
 from runner.journal import CrashBook, Journal, Tally
 from runner.lines import FileRejected
 from runner.run import Progress, RunOptions, fail_remaining, run_lines, scan_file
@@ -188,6 +189,9 @@ ENGINE_RESTARTS = 8  # engine deaths one job survives; each poison request costs
 
 
 def _engine_for(engines: EngineProvider, spec: ModelSpec) -> tuple[EngineClient, float]:
+    problems = engine_problems(spec.alias, spec.backend, spec.engine)
+    if problems:  # a load that cannot succeed is not started
+        raise JobError("invalid_engine_settings", " ".join(problems))
     try:
         return engines.client_for(spec)
     except EngineLoadError as error:

@@ -212,6 +212,15 @@ def all_finished(root: Path, dropped: list[Dropped]) -> bool:
     return not (jobs.is_dir() and any(jobs.iterdir()))
 
 
+def journal_lines(root: Path) -> set[bytes]:
+    """The whole result lines in the journals of the jobs in the spool: what is done."""
+    lines: set[bytes] = set()
+    for path in (root / "state" / "jobs").glob("*/out/results.jsonl"):
+        data = path.read_bytes()
+        lines.update(data[: data.rfind(b"\n") + 1].splitlines())
+    return lines
+
+
 def requests_run(log: Path) -> int:
     """How many requests the fake engine took in, from its `fake_log_requests` file."""
     if not log.exists():

@@ -53,6 +53,22 @@ def tree_of(root: psutil.Process) -> list[psutil.Process]:
         return []
 
 
+def freeze_tree(root: psutil.Process) -> list[psutil.Process]:
+    """SIGSTOP a process and everything below it, the root first: a stopped process starts
+    no other, so the tree holds still while it is collected, and none escapes the kill."""
+    members: dict[int, psutil.Process] = {}
+    while True:
+        found = [process for process in tree_of(root) if process.pid not in members]
+        if not found:
+            return list(members.values())
+        for process in found:
+            members[process.pid] = process
+            try:
+                process.suspend()
+            except psutil.NoSuchProcess:
+                continue
+
+
 def kill_tree(root: psutil.Process | int, timeout: float = 10.0) -> list[str]:
     """SIGKILL a process and everything below it, and wait until they are gone (reaping
     those that are this process's children). What was alive is returned, described."""
@@ -61,20 +77,9 @@ def kill_tree(root: psutil.Process | int, timeout: float = 10.0) -> list[str]:
             root = psutil.Process(root)
         except psutil.NoSuchProcess:
             return []
-    killed: list[str] = []
-    # Again until nothing is left: a process may start another while its tree is collected.
-    for _ in range(10):
-        members = tree_of(root) if root.is_running() else []
-        members = [process for process in members if _alive(process)]
-        if not members:
-            break
-        for process in members:
-            killed.append(describe(process))
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                continue
-        psutil.wait_procs(members, timeout=timeout)
+    members = [process for process in freeze_tree(root) if _alive(process)]
+    killed = [describe(process) for process in members]
+    _kill(members, timeout)
     _reap(root)
     return killed
 
@@ -84,16 +89,23 @@ def kill_popen_tree(popen: subprocess.Popen, timeout: float = 10.0) -> list[str]
     if popen.poll() is not None:
         return []
     try:
-        tree = tree_of(psutil.Process(popen.pid))
+        members = freeze_tree(psutil.Process(popen.pid))
     except psutil.NoSuchProcess:
-        tree = []
-    killed = [describe(process) for process in tree[:1]]
+        members = []
+    killed = [describe(process) for process in members]
     popen.kill()
     popen.wait(timeout)
-    below = tree[1:]
-    for process in below:  # re-parented to pytest now, or gone with their parent
-        killed += kill_tree(process, timeout)
+    _kill(members[1:], timeout)  # re-parented to pytest now: it reaps them
     return killed
+
+
+def _kill(members: list[psutil.Process], timeout: float) -> None:
+    for process in members:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(members, timeout=timeout)
 
 
 def _alive(process: psutil.Process) -> bool:
@@ -133,8 +145,14 @@ class Owner:
         started in it, or re-parented to pytest (an orphan of what it started)."""
         tracker = _tracker_pid() if keep_tracker else None
         killed: list[str] = []
-        for child in psutil.Process().children():
-            if identity(child) in self.before or child.pid == tracker:
-                continue
-            killed += kill_tree(child)
+        for _ in range(10):  # again while killing a tree hands orphans over to pytest
+            strays = [
+                child
+                for child in psutil.Process().children()
+                if identity(child) not in self.before and child.pid != tracker
+            ]
+            if not strays:
+                break
+            for child in strays:
+                killed += kill_tree(child)
         return killed

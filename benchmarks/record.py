@@ -40,6 +40,7 @@ def build_record(
     finished_at: str,
     metadata: dict[str, Any] | None = None,
     completion_samples: list[list] | None = None,
+    input_name: str | None = None,
 ) -> dict[str, Any]:
     """Everything SPEC section 6 names, in one flat-enough dict."""
     total_tokens = prompt_tokens + completion_tokens
@@ -47,6 +48,7 @@ def build_record(
     estimated = (estimate or {}).get("run_seconds")
     return {
         "job_id": job_id,
+        "input": input_name,  # the file as dropped: `dir/stem.jsonl`
         "status": status,
         "finished_at": finished_at,
         "model": model,

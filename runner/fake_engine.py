@@ -39,6 +39,23 @@ def render_chat_plainly(messages: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\nassistant:"
 
 
+# What FakeEngine reads from a spec's engine settings (see its docstring), and the one key
+# batchbox adds to every model's (trust_remote_code): anything else is a mistake.
+FAKE_ENGINE_OPTIONS = frozenset(
+    {
+        "max_model_len",
+        "fake_output_tokens",
+        "fake_seconds_per_step",
+        "fake_batch",
+        "fake_load_seconds",
+        "fake_crash_on",
+        "fake_log_requests",
+        "fake_helper_pidfile",
+        "trust_remote_code",
+    }
+)
+
+
 class FakeEngine:
     """A deterministic engine that needs no model.
 

@@ -5,15 +5,13 @@ report (kills, lost and duplicated results, requests run again per crash)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from helpers import input_lines, read_jsonl
-from servicekit import BATCHBOX, FINAL, OUTBOX_FILES, Server, chat_line, jsonl
+from servicekit import FINAL, OUTBOX_FILES, Server, chat_line, jsonl
 
 # -- what is dropped ---------------------------------------------------------------------
 
@@ -214,6 +212,15 @@ def all_finished(root: Path, dropped: list[Dropped]) -> bool:
     return not (jobs.is_dir() and any(jobs.iterdir()))
 
 
+def journal_lines(root: Path) -> set[bytes]:
+    """The whole result lines in the journals of the jobs in the spool: what is done."""
+    lines: set[bytes] = set()
+    for path in (root / "state" / "jobs").glob("*/out/results.jsonl"):
+        data = path.read_bytes()
+        lines.update(data[: data.rfind(b"\n") + 1].splitlines())
+    return lines
+
+
 def requests_run(log: Path) -> int:
     """How many requests the fake engine took in, from its `fake_log_requests` file."""
     if not log.exists():
@@ -295,23 +302,5 @@ class Figures:
 
 
 def start_server(config_path: Path, timeout: float = 30.0) -> Server:
-    """Start `batchbox serve`, waiting for this start's `service_ready` (the log is appended
-    to across restarts), with a longer wait than servicekit's, for a busy machine."""
-    server = Server(config_path)
-    before = server.log().count("service_ready")
-    log = open(server.log_path, "ab")
-    server.process = subprocess.Popen(
-        [BATCHBOX, "-c", str(config_path), "serve"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=config_path.parent,
-    )
-    log.close()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise AssertionError(f"batchbox serve exited early:\n{server.log()[-4000:]}")
-        if server.log().count("service_ready") > before:
-            return server
-        time.sleep(0.02)
-    raise AssertionError(f"batchbox serve was not ready within {timeout} s")
+    """`batchbox serve` started, with a longer wait than usual for a busy machine."""
+    return Server(config_path).start(timeout)

@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+import pytest
+
+# Set by .ci/run, which installs the tools: there a test never skips for want of one.
+REQUIRE_TOOLS = "BATCHBOX_REQUIRE_TOOLS"
+
+
+def requires_tool(name: str, package: str | None = None) -> pytest.MarkDecorator:
+    """Skip, saying why, a test that needs a program this machine lacks (a fresh clone need
+    not have it); where $BATCHBOX_REQUIRE_TOOLS is set it runs, and fails without it."""
+    missing = shutil.which(name) is None and not os.environ.get(REQUIRE_TOOLS)
+    return pytest.mark.skipif(
+        missing,
+        reason=f"{name} is not installed (apt-get install {package or name}); CI installs it",
+    )
+
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

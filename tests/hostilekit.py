@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from servicekit import BATCHBOX, Server, wait_for, write_config
+from servicekit import Server, wait_for, write_config
 
 MB = 1 << 20
 LIMITS = {"max_file_bytes": 60 * MB, "max_line_bytes": 1 * MB, "max_lines": 1000}
@@ -72,30 +72,12 @@ def can_drop_capabilities() -> bool:
 
 
 class HostileServer(Server):
-    """`batchbox serve` as servicekit's Server runs it, with its own log file (so that a
-    restart waits for its own `service_ready`) and, optionally, without capabilities."""
+    """`batchbox serve` with a log of its own (so that a restart waits for its own
+    `service_ready`) and, optionally, without capabilities."""
 
     def __init__(self, config_path: Path, log_name: str = "serve.log", unprivileged=False):
-        super().__init__(config_path)
-        self.log_path = config_path.parent / log_name
-        self.prefix = ["setpriv", "--bounding-set=-all", "--"] if unprivileged else []
-
-    def start(self) -> HostileServer:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [*self.prefix, BATCHBOX, "-c", str(self.config_path), "serve"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.config_path.parent,
-            )
-        wait_for(self.ready, 20, "batchbox serve to be ready")
-        return self
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def tail(self, lines: int = 15) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
+        prefix = ("setpriv", "--bounding-set=-all", "--") if unprivileged else ()
+        super().__init__(config_path, log_name, prefix)
 
 
 # -- request lines -------------------------------------------------------------------------

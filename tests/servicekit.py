@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from processes import kill_popen_tree
 
 from watcher.config import Config, load_config
 from watcher.engines import EngineKeeper
@@ -276,34 +277,45 @@ class SidecarWatch:
 
 
 class Server:
-    """`batchbox -c CONFIG serve` as a child process, with its log in a file."""
+    """`batchbox -c CONFIG serve` as a child process, with its log in a file (appended to
+    across restarts), optionally started through a `prefix` command such as setpriv."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(
+        self, config_path: Path, log_name: str = "serve.log", prefix: tuple[str, ...] = ()
+    ) -> None:
         self.config_path = config_path
         self.config = load_config(config_path)
-        self.log_path = config_path.parent / "serve.log"
+        self.log_path = config_path.parent / log_name
+        self.prefix = prefix
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> Server:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [BATCHBOX, "-c", str(self.config_path), "serve"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.config_path.parent,
-        )
-        log.close()
-        wait_for(self.ready, 15, "batchbox serve to be ready")
+    def start(self, timeout: float = 30.0) -> Server:
+        """Start it and wait for this start's `service_ready`."""
+        before = self.log().count("service_ready")
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [*self.prefix, BATCHBOX, "-c", str(self.config_path), "serve"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.config_path.parent,
+            )
+        wait_for(lambda: self.ready(before), timeout, "batchbox serve to be ready")
         return self
 
-    def ready(self) -> bool:
+    def ready(self, before: int = 0) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
-            raise AssertionError(f"batchbox serve exited early:\n{self.log()}")
-        return "service_ready" in self.log()
+            raise AssertionError(f"batchbox serve exited early:\n{self.log()[-4000:]}")
+        return self.log().count("service_ready") > before
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
 
     def events(self, name: str) -> list[dict[str, Any]]:
         found = []
@@ -325,9 +337,9 @@ class Server:
         return code, time.monotonic() - started
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+        """SIGKILL it with its whole tree: the engine and whatever the engine started."""
+        if self.process is not None:
+            kill_popen_tree(self.process)
 
 
 def batchbox(config_path: Path, *args: str) -> subprocess.CompletedProcess:

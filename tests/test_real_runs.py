@@ -247,7 +247,8 @@ def test_the_service_runs_chat_and_embeddings_from_their_subfolders(
         )
         wait_for(lambda: (inbox / "smollm2-135m" / "first.status").exists(), 30, "the claim")
         write_jsonl(inbox / "minilm" / "vectors.jsonl", [embedding_line("v", "hello world")])
-        time.sleep(3)  # the embeddings job is queued behind the chat job
+        # The embeddings job is taken (and queued behind the chat job) before the next one.
+        wait_for(lambda: (inbox / "minilm" / "vectors.status").exists(), 30, "the claim")
         write_jsonl(
             inbox / "smollm2-135m" / "second.jsonl",
             [

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import queue
-import shutil
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from helpers import requires_tool
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from watcher.inbox import Candidate, classify, scan_inbox, start_observer
@@ -323,10 +323,7 @@ def make_source(tmp_path: Path) -> Path:
     return source
 
 
-@pytest.mark.skipif(
-    shutil.which("rsync") is None,
-    reason="rsync is not installed (apt-get install rsync); CI installs it for this test",
-)
+@requires_tool("rsync")
 def test_an_rsync_upload_is_completed_once_and_its_temporary_never_named(
     tmp_path: Path, inbox: Path, spool: Path
 ) -> None:

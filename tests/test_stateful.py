@@ -164,8 +164,10 @@ class Appliance(RuleBasedStateMachine):
                 assert time.monotonic() < deadline, "not everything was delivered"
                 service.tick()
                 time.sleep(0.005)
-            deadline = time.monotonic() + 0.6  # a rescan finds cancels for finished jobs
-            while time.monotonic() < deadline:
+            # A rescan finds the cancels of jobs that were finished before them.
+            deadline = time.monotonic() + 30
+            while any(self.inbox.rglob("*.cancel")):
+                assert time.monotonic() < deadline, "a cancel for a finished job stayed"
                 service.tick()
                 time.sleep(0.01)
             service.stop()

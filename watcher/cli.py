@@ -4,6 +4,7 @@ one plain sentence on standard error (0 success, 2 bad config or arguments, 1 ot
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -31,19 +32,24 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="batchbox", description="A watch-folder appliance for LLM batches.")
     parser.add_argument("-c", "--config", help="config file (else $BATCHBOX_CONFIG, ./config.yaml)")
+    # -c/--config after the command name too; SUPPRESS keeps a command that is not given it
+    # from overwriting the one given before the name.
+    config_after = Parser(add_help=False)
+    config_after.add_argument("-c", "--config", default=argparse.SUPPRESS, help="config file")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    commands.add_parser("serve", help="run the appliance in the foreground")
-    run = commands.add_parser("run", help="run one file now and write its outbox folder")
+    add = functools.partial(commands.add_parser, parents=[config_after])
+    add("serve", help="run the appliance in the foreground")
+    run = add("run", help="run one file now and write its outbox folder")
     run.add_argument("file")
     run.add_argument("-m", "--model", help="a configured model alias")
     run.add_argument("-o", "--output", help="the outbox folder to write into")
-    status = commands.add_parser("status", help="the queue, the running job, recent jobs")
+    status = add("status", help="the queue, the running job, recent jobs")
     status.add_argument("--json", action="store_true")
-    estimate = commands.add_parser("estimate", help="the estimate for a file, without running")
+    estimate = add("estimate", help="the estimate for a file, without running")
     estimate.add_argument("file")
     estimate.add_argument("-m", "--model")
-    commands.add_parser("check", help="validate the config and the machine")
-    bench = commands.add_parser("bench", help="run a short calibration batch for a model")
+    add("check", help="validate the config and the machine")
+    bench = add("bench", help="run a short calibration batch for a model")
     bench.add_argument("model")
     return parser
 

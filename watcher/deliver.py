@@ -109,6 +109,7 @@ def benchmark_record(job: Job, config: Config, final: JobStatus, times: RunTimes
         finished_at=iso(now()) or "",
         metadata=job.metadata,
         completion_samples=times.samples,
+        input_name=job.input_name,
     )
 
 

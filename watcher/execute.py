@@ -14,6 +14,7 @@ import structlog
 
 from runner.client import EngineClient, EngineDied
 from runner.durable import is_disk_trouble, is_out_of_space
+from runner.engine_args import engine_problems
 from runner.journal import CrashBook, Journal
 from runner.lines import FileRejected
 from runner.run import Progress, RunOptions, run_lines
@@ -105,6 +106,9 @@ def _apply_progress(job: Job, progress: Progress, run_started: float) -> None:
 
 
 def _engine_for(engines: EngineProvider, spec: ModelSpec) -> tuple[EngineClient, float]:
+    problems = engine_problems(spec.alias, spec.backend, spec.engine)
+    if problems:  # a load that cannot succeed is not started
+        raise JobError("invalid_engine_settings", " ".join(problems))
     try:
         return engines.client_for(spec)
     except EngineLoadError as error:

@@ -11,15 +11,18 @@ import structlog
 
 def configure_logging(stream: TextIO | None = None, level: int = logging.INFO) -> None:
     stream = stream or sys.stdout
-    renderer = (
-        structlog.dev.ConsoleRenderer() if stream.isatty() else structlog.processors.JSONRenderer()
-    )
+    if stream.isatty():
+        renderers = [structlog.dev.ConsoleRenderer()]  # prints a traceback of its own
+    else:
+        # `exc_info` becomes the traceback's text under "exception"; without this the JSON
+        # renderer writes `"exc_info": true` and the traceback is lost.
+        renderers = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
+            *renderers,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=stream),

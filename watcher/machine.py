@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from runner.engine_args import engine_problems, version_note
 from watcher.config import Config, ModelConfig
 
 FOLDERS = ("inbox", "outbox", "state")
@@ -96,11 +97,14 @@ def check_machine(config: Config, say: Callable[[str], None]) -> list[str]:
     gpu = gpu_name()
     say(f"gpu: {gpu or 'none (CPU only)'}")
     say(f"engine: {engine_version() or 'not installed'}")
+    if version_note():
+        say(f"warning: {version_note()}")
     for alias, model in config.models.items():
         reason = model_problem(config, alias, model, gpu)
         say(f"model {alias}: {'ready' if reason is None else 'not runnable here: ' + reason}")
         if reason is not None and alias == config.default_model:
             problems.append(f"the default model {alias} cannot run here: {reason}")
+        problems += engine_problems(alias, model.backend, config.model_spec(alias).engine)
     for problem in problems:
         say(f"problem: {problem}")
     return problems

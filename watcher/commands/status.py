@@ -24,7 +24,7 @@ def show_status(args: argparse.Namespace, config: Config) -> int:
         "running": running,
         "queued": [job.status_document() for job in queued],
         "recent": [
-            {key: record.get(key) for key in ("job_id", "model", "status", "finished_at")}
+            {key: record.get(key) for key in ("job_id", "input", "model", "status", "finished_at")}
             | {"requests": record.get("request_counts"), "run_seconds": record.get("run_seconds")}
             for record in reversed(recent)
         ],
@@ -56,7 +56,8 @@ def print_status(report: dict) -> None:
     for record in report["recent"]:
         counts = record["requests"] or {}
         print(
-            f"  {record['finished_at']}  {record['status']:<9} {record['model']}: "
+            f"  {record['finished_at']}  {record['status']:<9} "
+            f"{record['input'] or record['job_id']} on {record['model']}: "
             f"{counts.get('completed', 0)} ok, {counts.get('failed', 0)} failed, "
             f"{record['run_seconds']} s  ({record['job_id']})"
         )

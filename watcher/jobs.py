@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from runner.durable import write_atomic
+from watcher.inboxnames import remove_file
 from watcher.sidecars import ETA, STATUS, eta_document, now, status_document, write_sidecar
 
 JOB_RECORD = "job.json"
@@ -308,8 +309,8 @@ def mark_finished(job: Job, status: JobStatus) -> None:
     job.completed_at = now()
     job.eta = None
     eta = job.sidecar(ETA)
-    if eta is not None and eta.is_file():
-        eta.unlink(missing_ok=True)  # first, so a reader never sees it beside a final status
+    if eta is not None:
+        remove_file(eta, "sidecar")  # first, so a reader never sees it beside a final status
     write_status(job)
 
 

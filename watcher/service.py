@@ -37,6 +37,7 @@ from watcher.etas import (
     write_running_eta,
 )
 from watcher.inbox import Candidate, start_observer
+from watcher.inboxnames import is_regular, make_model_folders, remove_file
 from watcher.intake import Intake
 from watcher.jobqueue import JobQueue
 from watcher.jobs import Job, JobStatus, mark_queued, write_status
@@ -76,8 +77,7 @@ class Service:
         problem = one_filesystem_problem(self.config)
         if problem:
             raise StartError(problem)
-        for alias in self.config.models:
-            (self.inbox / alias).mkdir(parents=True, exist_ok=True)
+        make_model_folders(self.inbox, list(self.config.models))
         spool_folder(self.state).mkdir(parents=True, exist_ok=True)
         self.outbox.mkdir(parents=True, exist_ok=True)
         self.recover()
@@ -194,8 +194,8 @@ class Service:
         return True
 
     def cancel(self, path: Path) -> None:
-        if not path.is_file():
-            return  # gone, or a folder or link that merely has the name: not a cancel
+        if not is_regular(path, "cancel file"):
+            return  # gone, or a folder, link or FIFO that merely has the name: not a cancel
         stem = path.stem
         running = self.running
         if running is not None and running.job.sidecar_dir == path.parent and (
@@ -203,19 +203,19 @@ class Service:
         ):
             running.cancel.set()
             log.info("job_cancel_requested", job=running.job.id)
-            path.unlink(missing_ok=True)
+            remove_file(path, "cancel file")
             return
         job = self.queue.find(path.parent, stem)
         if job is not None:
             self.queue.remove(job)
             self.etas.forget(job)
             if self.finish(job, JobStatus.CANCELLED):
-                path.unlink(missing_ok=True)  # else kept: the cancel applies once it is back
+                remove_file(path, "cancel file")  # else kept: it applies once the job is back
             return
         if (path.parent / f"{stem}.jsonl").exists():
             return  # its file is still settling: the cancel applies once it is claimed
         log.warning("cancel_without_job", path=str(path))
-        path.unlink(missing_ok=True)
+        remove_file(path, "cancel file")
 
     # -- the running job ----------------------------------------------------------------
 

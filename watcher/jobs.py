@@ -235,7 +235,9 @@ def decode_record(data: bytes) -> Job:
 
 
 def load_job(work: Path) -> Job:
-    return decode_record((work / JOB_RECORD).read_bytes())
+    job = decode_record((work / JOB_RECORD).read_bytes())
+    job.work = work  # where the folder is now, should it have been moved since it was written
+    return job
 
 
 def write_record(job: Job) -> None:

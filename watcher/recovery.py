@@ -10,7 +10,7 @@ from pathlib import Path
 
 import structlog
 
-from runner.durable import is_disk_trouble
+from runner.durable import is_disk_trouble, rename_durably
 from runner.durable import remove_temporaries as remove_temporaries_in
 from watcher.claim import take_ticket_left_behind
 from watcher.config import Config
@@ -25,7 +25,7 @@ from watcher.jobs import (
     mark_queued,
     resume_finishing,
 )
-from watcher.spool import INPUT, spool_folder
+from watcher.spool import INPUT, RUNS, spool_folder
 from watcher.validate import revalidate
 
 log = structlog.get_logger()
@@ -69,6 +69,9 @@ def recover_folder(
 
 
 def recover_job(job: Job, config: Config, queue: JobQueue, finish: Finish) -> None:
+    if job.sidecar_dir is None:
+        hand_back_run(job, config.folder("state"))
+        return
     log.info("job_recovered", job=job.id, status=job.status.value)
     if job.status.finished:
         resume_finishing(job)
@@ -99,3 +102,12 @@ def recover_job(job: Job, config: Config, queue: JobQueue, finish: Finish) -> No
     if job.status is not JobStatus.IN_PROGRESS:
         mark_queued(job)
     queue.push(job)
+
+
+def hand_back_run(job: Job, state: Path) -> None:
+    """A `batchbox run` job that an older batchbox kept in the service's spool: moved to the
+    runs' own, where running the same file again resumes it. The service never runs it."""
+    target = spool_folder(state, RUNS) / job.work.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    rename_durably(job.work, target)
+    log.info("run_job_handed_back", job=job.id, work=str(target))

@@ -316,6 +316,30 @@ def mark_finished(job: Job, status: JobStatus) -> None:
     write_status(job)
 
 
+def mark_broken(job: Job, code: str, message: str) -> None:
+    """A job that cannot be finished: failed, with why, where it was dropped; nothing is
+    delivered for it. Its record is written where it can be: it may be what is broken."""
+    fail_job(job, code, message)
+    if not job.status.finished:
+        if job.status is not JobStatus.FINALIZING:
+            move(job, JobStatus.FINALIZING)
+        job.final = JobStatus.FAILED.value
+        move(job, JobStatus.FAILED)
+    job.queue_position = None
+    job.completed_at = now()
+    job.eta = None
+    eta = job.sidecar(ETA)
+    if eta is not None:
+        remove_file(eta, "sidecar")
+    try:
+        write_record(job)
+    except OSError:
+        pass
+    path = job.sidecar(STATUS)
+    if path is not None:
+        write_sidecar(path, job.status_document())
+
+
 def resume_finishing(job: Job) -> None:
     """A record that says finished while its spool folder is still there: the finish was
     cut short after the record was written (records of older versions said the final state

@@ -12,6 +12,7 @@ import structlog
 
 from runner.durable import is_disk_trouble, rename_durably
 from runner.durable import remove_temporaries as remove_temporaries_in
+from watcher.aside import set_aside
 from watcher.claim import take_ticket_left_behind
 from watcher.config import Config
 from watcher.diskwait import DiskWait
@@ -48,24 +49,39 @@ def remove_temporaries(inbox: Path, state: Path, outbox: Path) -> None:
 def recover_folder(
     work: Path, config: Config, queue: JobQueue, finish: Finish, disk: DiskWait
 ) -> bool:
-    """Recover one spool folder into the queue (or the outbox); False on a disk error."""
+    """Recover one spool folder into the queue (or the outbox); False on a disk error.
+
+    A job that cannot be recovered for any other reason is set aside (watcher.aside): the
+    others must run, and a start must never fail over one job."""
     job = None
     try:
         job = load_job(work)
         recover_job(job, config, queue, finish)
     except OSError as error:
         if not is_disk_trouble(error):
-            raise
+            set_broken_aside(work, config, error, job, queue)
+            return True
         if job is not None and job in queue.jobs:
             queue.remove(job)
         disk.wait_with(work)
         disk.trouble(error)
         return False
-    except (RecordError, ValueError, KeyError, TypeError) as error:
-        # Records are written atomically, so this is someone else's doing: keep the
-        # folder for a person to look at, and serve the other jobs.
-        log.error("job_record_unreadable", work=str(work), error=str(error))
+    except Exception as error:  # noqa: BLE001 - one bad folder must not stop the service
+        set_broken_aside(work, config, error, job, queue)
     return True
+
+
+def set_broken_aside(
+    work: Path, config: Config, error: BaseException, job: Job | None, queue: JobQueue
+) -> None:
+    if job is not None and job in queue.jobs:
+        queue.remove(job)
+    if job is None or isinstance(error, RecordError):
+        reason = f"its record cannot be read ({error})"
+    else:
+        reason = f"it could not be recovered ({type(error).__name__}: {error})"
+        log.error("job_not_recovered", work=str(work), exc_info=error)
+    set_aside(work, config.folder("state"), reason, job)
 
 
 def recover_job(job: Job, config: Config, queue: JobQueue, finish: Finish) -> None:

@@ -25,6 +25,7 @@ import structlog
 
 from runner.durable import is_disk_trouble
 from runner.run import Progress
+from watcher.aside import set_aside
 from watcher.config import Config
 from watcher.deliver import deliver_job
 from watcher.diskwait import DiskWait
@@ -45,7 +46,7 @@ from watcher.machine import one_filesystem_problem
 from watcher.notify import notify, watchdog_interval
 from watcher.recovery import recover_folder, remove_temporaries
 from watcher.sidecars import sweep_status_files
-from watcher.spool import has_record, spool_folder
+from watcher.spool import has_record, never_recorded, spool_folder
 from watcher.worker import Running, start_job
 
 log = structlog.get_logger()
@@ -179,18 +180,26 @@ class Service:
         mark_queued(job)
 
     def finish(self, job: Job, final: JobStatus) -> bool:
-        """Deliver a job that is not running; on a disk error it is picked up again later."""
+        """Deliver a job that is not running; on a disk error it is picked up again later.
+        One that cannot be delivered otherwise is set aside (watcher.aside)."""
         try:
             deliver_job(job, self.config, self.outbox, final)
         except OSError as error:
             if not is_disk_trouble(error):
-                raise
+                return self.set_aside(job, error)
             log.warning("job_not_delivered", job=job.id, error=str(error))
             self.disk.wait_with(job.work)
             self.disk.trouble(error)
             return False
+        except Exception as error:  # noqa: BLE001 - one bad job must not stop the service
+            return self.set_aside(job, error)
         log.info("job_finished", **job.summary())
         self.disk.succeeded()
+        return True
+
+    def set_aside(self, job: Job, error: Exception) -> bool:
+        log.error("job_not_delivered", job=job.id, exc_info=error)
+        set_aside(job.work, self.state, f"it could not be delivered ({error})", job)
         return True
 
     def cancel(self, path: Path) -> None:
@@ -264,10 +273,10 @@ class Service:
         """Pick up every job the spool holds; the queue puts them back in their order."""
         remove_temporaries(self.inbox, self.state, self.outbox)
         for work in sorted(spool_folder(self.state).iterdir()):
-            if not has_record(work):
+            if never_recorded(work):
                 shutil.rmtree(work, ignore_errors=True)  # claimed but never recorded: empty
                 continue
-            self.recover_folder(work)
+            recover_folder(work, self.config, self.queue, self.finish, self.disk)
 
     def recover_waiting_jobs(self) -> None:
         """Pick up, from their spool records, the jobs a disk error cut short."""

@@ -10,6 +10,7 @@ a record without an input means the file never left the inbox.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from watcher.jobs import JOB_RECORD, OUT, Job, RecordError, load_job, new_job_id, now
@@ -68,3 +69,9 @@ def spool_jobs(state: Path, spool: str = JOBS) -> list[Job]:
 
 def has_record(work: Path) -> bool:
     return (work / JOB_RECORD).is_file()
+
+
+def never_recorded(work: Path) -> bool:
+    """A folder a claim made and a crash left before its record: neither record nor input
+    (an input without a record is not ours to remove)."""
+    return not os.path.lexists(work / JOB_RECORD) and not os.path.lexists(work / OUT / INPUT)

@@ -47,15 +47,22 @@ def remove_temporaries(inbox: Path, state: Path, outbox: Path) -> None:
 
 
 def recover_folder(
-    work: Path, config: Config, queue: JobQueue, finish: Finish, disk: DiskWait
+    work: Path,
+    config: Config,
+    queue: JobQueue,
+    finish: Finish,
+    disk: DiskWait,
+    seen: Callable[[Job], None] = lambda job: None,
 ) -> bool:
     """Recover one spool folder into the queue (or the outbox); False on a disk error.
 
-    A job that cannot be recovered for any other reason is set aside (watcher.aside): the
-    others must run, and a start must never fail over one job."""
+    `seen` is told of each job read from its record. A job that cannot be recovered for any
+    other reason is set aside (watcher.aside): the others must run, and a start must never
+    fail over one job."""
     job = None
     try:
         job = load_job(work)
+        seen(job)
         recover_job(job, config, queue, finish)
     except OSError as error:
         if not is_disk_trouble(error):

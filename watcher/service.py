@@ -221,6 +221,9 @@ class Service:
             if self.finish(job, JobStatus.CANCELLED):
                 remove_file(path, "cancel file")  # else kept: it applies once the job is back
             return
+        if self.intake.stems.owner(path.parent, stem) is not None:
+            log.info("job_cancel_waits", path=str(path))
+            return  # its job waits for the disk: the cancel applies once it is back
         if (path.parent / f"{stem}.jsonl").exists():
             return  # its file is still settling: the cancel applies once it is claimed
         log.warning("cancel_without_job", path=str(path))
@@ -276,22 +279,31 @@ class Service:
             if never_recorded(work):
                 shutil.rmtree(work, ignore_errors=True)  # claimed but never recorded: empty
                 continue
-            recover_folder(work, self.config, self.queue, self.finish, self.disk)
+            self.recover_one(work)
 
     def recover_waiting_jobs(self) -> None:
-        """Pick up, from their spool records, the jobs a disk error cut short."""
+        """Pick up, from their spool records, the jobs a disk error cut short; a cancel
+        dropped while they waited applies now."""
         folders = self.disk.take_waiting()
         for index, work in enumerate(folders):
             if not self.recover_folder(work):
                 for later in folders[index + 1 :]:
                     self.disk.wait_with(later)  # the disk failed again: the rest wait with it
                 return
+            key = self.intake.stems.key_of(work)
+            if key is not None and is_regular(key[0] / f"{key[1]}.cancel", "cancel file"):
+                self.cancel(key[0] / f"{key[1]}.cancel")
 
     def recover_folder(self, work: Path) -> bool:
         """Recover one spool folder into the queue (or the outbox); False on a disk error."""
         if not has_record(work):
             return True  # delivered meanwhile, or never recorded
-        return recover_folder(work, self.config, self.queue, self.finish, self.disk)
+        return self.recover_one(work)
+
+    def recover_one(self, work: Path) -> bool:
+        return recover_folder(
+            work, self.config, self.queue, self.finish, self.disk, self.intake.stems.hold
+        )
 
     # -- systemd ------------------------------------------------------------------------
 

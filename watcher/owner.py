@@ -35,6 +35,7 @@ log = structlog.get_logger()
 
 LOCK_NAME = "owner.lock"
 HOLDER_BYTES = 4096  # what a holder's note may take; it is a line of JSON
+NOTE_RETRIES, NOTE_RETRY_SECONDS = 5, 0.05
 WAIT_POLL_SECONDS = 0.5  # how often a waiting `serve` tries the lock again
 EXTEND_SECONDS = 60  # each EXTEND_TIMEOUT_USEC gives systemd's start timeout this long
 EXTEND_EVERY_SECONDS = 15  # and is sent again this often, well inside it
@@ -103,6 +104,11 @@ def take_state(state: Path, command: str) -> StateLock:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
         holder = _read_holder(descriptor)
+        for _ in range(NOTE_RETRIES):
+            if holder.pid is not None:
+                break
+            time.sleep(NOTE_RETRY_SECONDS)  # taken a moment ago: its note is on its way
+            holder = _read_holder(descriptor)
         os.close(descriptor)
         if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise StateBusy(state, holder) from None

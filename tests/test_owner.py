@@ -247,8 +247,6 @@ def test_a_stopped_run_is_resumed_by_run_and_never_by_the_service(
     run.send_signal(signal.SIGTERM)
     assert run.wait(60) == 1
     assert "run the same file again to resume" in (site.parent / "run.log").read_text()
-    runs = site.parent / "state" / "runs"
-    [work] = list(runs.iterdir())
     done = run_results(site)
     assert 0 < done < LINES
 
@@ -265,7 +263,8 @@ def test_a_stopped_run_is_resumed_by_run_and_never_by_the_service(
 
     server = serve_once("serve1.log")
     assert not server.events("job_recovered") and not server.events("job_started")
-    assert [path.name for path in runs.iterdir()] == [work.name]
+    runs = site.parent / "state" / "runs"
+    [work] = list(runs.iterdir())
 
     # Where an older batchbox kept a run's job: in the service's spool. Handed back.
     (site.parent / "state" / "jobs" / work.name).parent.mkdir(exist_ok=True)

@@ -217,7 +217,10 @@ def make_model_folders(inbox: Path, aliases: list[str]) -> None:
             continue
         except FileExistsError:
             pass
-        info = os.lstat(path)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue  # removed this very moment: made at the next start, or by its owner
         if not stat.S_ISDIR(info.st_mode):
             note_skipped(
                 path,

@@ -94,8 +94,9 @@ def assert_one_sentence(outcome: Outcome) -> str:
 
 
 def assert_no_spool_left(site: Path) -> None:
-    jobs = site.parent / "state" / "jobs"
-    assert not jobs.exists() or list(jobs.iterdir()) == []
+    for spool in ("jobs", "runs"):
+        jobs = site.parent / "state" / spool
+        assert not jobs.exists() or list(jobs.iterdir()) == []
 
 
 def read_json(path: Path) -> dict:

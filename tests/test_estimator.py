@@ -407,7 +407,7 @@ def test_bench_records_a_calibration_that_the_next_estimate_uses(site: Path, bat
         "total_tokens_per_second",
     }
     assert not any((site.parent / "state" / "bench").iterdir())  # the throwaway outbox
-    assert not any((site.parent / "state" / "jobs").iterdir())
+    assert not any((site.parent / "state" / "runs").iterdir())
     assert not (site.parent / "outbox").exists() or not any((site.parent / "outbox").iterdir())
 
     path = questions(site.parent / "questions.jsonl", 12)

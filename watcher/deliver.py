@@ -3,7 +3,10 @@ renamed into the outbox in one move; only then does its `.status` say it is fini
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,8 @@ from watcher.config import Config
 from watcher.jobs import Job, JobStatus, mark_finalizing, mark_finished, write_record
 from watcher.sidecars import iso, now
 from watcher.spool import INPUT
+
+STATUS_JSON = "status.json"
 
 
 @dataclass
@@ -66,10 +71,10 @@ def deliver_job(
     take_tally(job, tally)
     # A file that failed before it was counted: what fail_remaining saw is its size.
     job.total = max(job.total, tally.completed + tally.failed)
-    target = pick_outbox_folder(outbox, job.subdir, job.stem)
+    target = pick_outbox_folder(outbox, job.subdir, job.stem, reserved_names(config, outbox))
     job.outbox = str(target.relative_to(outbox)) if target.is_relative_to(outbox) else str(target)
     record = benchmark_record(job, config, final, times)
-    write_json_atomic(job.out / "status.json", job.final_document(final))
+    write_json_atomic(job.out / STATUS_JSON, job.final_document(final))
     write_json_atomic(job.out / "benchmark.json", record)
     # The spool now says where it goes, so a restart delivers it once; the sidecar in the
     # inbox names the outbox folder only once the folder is there.
@@ -113,15 +118,49 @@ def benchmark_record(job: Job, config: Config, final: JobStatus, times: RunTimes
     )
 
 
-def pick_outbox_folder(outbox: Path, subdir: str, stem: str) -> Path:
-    """`outbox/<dir>/<stem>`, with -2, -3, ... when the name is taken."""
-    parent = outbox / subdir if subdir else outbox
+def pick_outbox_folder(
+    outbox: Path, subdir: str, stem: str, reserved: Callable[[str], bool] = lambda name: False
+) -> Path:
+    """`outbox/<dir>/<stem>`, with -2, -3, ... when the name is taken.
+
+    No job's folder ever holds another: a job dropped in the inbox itself never takes a
+    name `reserved` for the jobs of a subfolder (a model alias, a folder in the inbox), and
+    the jobs of a subfolder go to a container of their own when a job's folder has its name.
+    """
+    parent = container_for(outbox, subdir, reserved) if subdir else outbox
     make_folders_durably(parent)  # the delivered folder must not vanish with a new parent
     candidate, number = parent / stem, 1
-    while candidate.exists() or candidate.is_symlink():
+    while os.path.lexists(candidate) or (not subdir and reserved(candidate.name)):
         number += 1
         candidate = parent / f"{stem}-{number}"
     return candidate
+
+
+def container_for(outbox: Path, subdir: str, reserved: Callable[[str], bool]) -> Path:
+    """The folder holding the jobs of `inbox/<subdir>/`: `outbox/<subdir>`, else the first of
+    `<subdir>-2`, `-3`, ... that is a container already or free and not reserved."""
+    candidate, number = outbox / subdir, 1
+    while True:
+        try:
+            info = os.lstat(candidate)
+        except FileNotFoundError:
+            if number == 1 or not reserved(candidate.name):
+                return candidate
+        else:
+            if stat.S_ISDIR(info.st_mode) and not os.path.lexists(candidate / STATUS_JSON):
+                return candidate  # a container: job folders always hold their status.json
+        number += 1
+        candidate = outbox / f"{subdir}-{number}"
+
+
+def reserved_names(config: Config, outbox: Path) -> Callable[[str], bool]:
+    """Names a job from the inbox itself must leave free in the outbox: those of the model
+    subfolders and of any other folder in the inbox, whose jobs are delivered in them. An
+    outbox of its own (`batchbox run -o DIR`) holds no such folders."""
+    if outbox != config.folder("outbox"):
+        return lambda name: False
+    inbox = config.folder("inbox")
+    return lambda name: name in config.models or os.path.isdir(inbox / name)
 
 
 def deliver_folder(source: Path, target: Path) -> None:

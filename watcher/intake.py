@@ -19,6 +19,7 @@ from watcher.inbox import Candidate, classify, scan_inbox
 from watcher.jobs import Job
 from watcher.settle import CHANGE_HINTS, Settler
 from watcher.sidecars import write_refusal
+from watcher.stems import Stems
 
 log = structlog.get_logger()
 
@@ -45,6 +46,9 @@ class Intake:
         # Files refused at claim, with what they were then, so a rescan does not repeat it.
         self.refused: dict[Path, tuple[int, int, int]] = {}
         self.last_rescan = 0.0
+        # Whose each stem is, and complete files that wait for their stem's job to finish.
+        self.stems = Stems()
+        self.held: dict[Path, None] = {}
 
     def take_events(self) -> None:
         while True:
@@ -57,10 +61,12 @@ class Intake:
     def take_candidate(self, candidate: Candidate) -> None:
         kind = classify(candidate.path.name)
         if kind == "job":
-            if candidate.path in self.ready:
+            if candidate.path in self.ready or candidate.path in self.held:
                 if candidate.hint not in CHANGE_HINTS:
                     return  # settled already and waiting its turn to be claimed
-                del self.ready[candidate.path]  # written to again: it must settle anew
+                # Written to again: it must settle anew.
+                self.ready.pop(candidate.path, None)
+                self.held.pop(candidate.path, None)
             self.settler.note(candidate.path, candidate.hint)
         elif kind == "cancel":
             self.on_cancel(candidate.path)
@@ -85,6 +91,7 @@ class Intake:
         burst of hundreds of drops must not hold up the start of the first job, cancels and
         the watchdog."""
         started = time.monotonic()
+        self.release_held()
         while self.ready and not stopping():
             if time.monotonic() - started >= SLICE_SECONDS:
                 return
@@ -94,10 +101,24 @@ class Intake:
             del self.ready[path]
             self.claim(path)
 
+    def release_held(self) -> None:
+        """Files whose stem's job has finished go first in line, as they were first."""
+        free = [path for path in self.held if self.stems.owner_of_file(path) is None]
+        for path in free:
+            del self.held[path]
+        if free:
+            self.ready = {**dict.fromkeys(free), **self.ready}
+
     def claim(self, path: Path) -> None:
         try:
             stat = path.lstat()
         except OSError:
+            return
+        owner = self.stems.owner_of_file(path)
+        if owner is not None:
+            if path not in self.held:
+                log.info("file_waits_for_its_stem", path=str(path), job=owner.name)
+            self.held[path] = None  # untouched until that job is finished
             return
         signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if self.refused.get(path) == signature:
@@ -112,6 +133,7 @@ class Intake:
             return
         except ClaimInterrupted as interrupted:
             log.warning("claim_interrupted", path=str(path), error=str(interrupted.error))
+            self.stems.hold_path(path, interrupted.work)
             self.disk.wait_with(interrupted.work)
             if is_disk_trouble(interrupted.error):
                 self.disk.trouble(interrupted.error)
@@ -135,6 +157,7 @@ class Intake:
             self._refuse(path, signature, f"the file could not be taken: {error}", "claim_failed")
             return
         log.info("job_claimed", job=job.id, input=job.input_name, model=job.model)
+        self.stems.hold(job)
         self.on_claimed(job, path)
 
     def _refuse(self, path: Path, signature: tuple[int, int, int], reason: str, code: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from runner.durable import write_atomic
+from watcher.inboxnames import remove_file
 from watcher.sidecars import ETA, STATUS, eta_document, now, status_document, write_sidecar
 
 JOB_RECORD = "job.json"
@@ -234,7 +235,9 @@ def decode_record(data: bytes) -> Job:
 
 
 def load_job(work: Path) -> Job:
-    return decode_record((work / JOB_RECORD).read_bytes())
+    job = decode_record((work / JOB_RECORD).read_bytes())
+    job.work = work  # where the folder is now, should it have been moved since it was written
+    return job
 
 
 def write_record(job: Job) -> None:
@@ -308,9 +311,33 @@ def mark_finished(job: Job, status: JobStatus) -> None:
     job.completed_at = now()
     job.eta = None
     eta = job.sidecar(ETA)
-    if eta is not None and eta.is_file():
-        eta.unlink(missing_ok=True)  # first, so a reader never sees it beside a final status
+    if eta is not None:
+        remove_file(eta, "sidecar")  # first, so a reader never sees it beside a final status
     write_status(job)
+
+
+def mark_broken(job: Job, code: str, message: str) -> None:
+    """A job that cannot be finished: failed, with why, where it was dropped; nothing is
+    delivered for it. Its record is written where it can be: it may be what is broken."""
+    fail_job(job, code, message)
+    if not job.status.finished:
+        if job.status is not JobStatus.FINALIZING:
+            move(job, JobStatus.FINALIZING)
+        job.final = JobStatus.FAILED.value
+        move(job, JobStatus.FAILED)
+    job.queue_position = None
+    job.completed_at = now()
+    job.eta = None
+    eta = job.sidecar(ETA)
+    if eta is not None:
+        remove_file(eta, "sidecar")
+    try:
+        write_record(job)
+    except OSError:
+        pass
+    path = job.sidecar(STATUS)
+    if path is not None:
+        write_sidecar(path, job.status_document())
 
 
 def resume_finishing(job: Job) -> None:

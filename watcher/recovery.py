@@ -10,8 +10,9 @@ from pathlib import Path
 
 import structlog
 
-from runner.durable import is_disk_trouble
+from runner.durable import is_disk_trouble, rename_durably
 from runner.durable import remove_temporaries as remove_temporaries_in
+from watcher.aside import set_aside
 from watcher.claim import take_ticket_left_behind
 from watcher.config import Config
 from watcher.diskwait import DiskWait
@@ -25,7 +26,7 @@ from watcher.jobs import (
     mark_queued,
     resume_finishing,
 )
-from watcher.spool import INPUT, spool_folder
+from watcher.spool import INPUT, RUNS, spool_folder
 from watcher.validate import revalidate
 
 log = structlog.get_logger()
@@ -46,29 +47,54 @@ def remove_temporaries(inbox: Path, state: Path, outbox: Path) -> None:
 
 
 def recover_folder(
-    work: Path, config: Config, queue: JobQueue, finish: Finish, disk: DiskWait
+    work: Path,
+    config: Config,
+    queue: JobQueue,
+    finish: Finish,
+    disk: DiskWait,
+    seen: Callable[[Job], None] = lambda job: None,
 ) -> bool:
-    """Recover one spool folder into the queue (or the outbox); False on a disk error."""
+    """Recover one spool folder into the queue (or the outbox); False on a disk error.
+
+    `seen` is told of each job read from its record. A job that cannot be recovered for any
+    other reason is set aside (watcher.aside): the others must run, and a start must never
+    fail over one job."""
     job = None
     try:
         job = load_job(work)
+        seen(job)
         recover_job(job, config, queue, finish)
     except OSError as error:
         if not is_disk_trouble(error):
-            raise
+            set_broken_aside(work, config, error, job, queue)
+            return True
         if job is not None and job in queue.jobs:
             queue.remove(job)
         disk.wait_with(work)
         disk.trouble(error)
         return False
-    except (RecordError, ValueError, KeyError, TypeError) as error:
-        # Records are written atomically, so this is someone else's doing: keep the
-        # folder for a person to look at, and serve the other jobs.
-        log.error("job_record_unreadable", work=str(work), error=str(error))
+    except Exception as error:  # noqa: BLE001 - one bad folder must not stop the service
+        set_broken_aside(work, config, error, job, queue)
     return True
 
 
+def set_broken_aside(
+    work: Path, config: Config, error: BaseException, job: Job | None, queue: JobQueue
+) -> None:
+    if job is not None and job in queue.jobs:
+        queue.remove(job)
+    if job is None or isinstance(error, RecordError):
+        reason = f"its record cannot be read ({error})"
+    else:
+        reason = f"it could not be recovered ({type(error).__name__}: {error})"
+        log.error("job_not_recovered", work=str(work), exc_info=error)
+    set_aside(work, config.folder("state"), reason, job)
+
+
 def recover_job(job: Job, config: Config, queue: JobQueue, finish: Finish) -> None:
+    if job.sidecar_dir is None:
+        hand_back_run(job, config.folder("state"))
+        return
     log.info("job_recovered", job=job.id, status=job.status.value)
     if job.status.finished:
         resume_finishing(job)
@@ -99,3 +125,12 @@ def recover_job(job: Job, config: Config, queue: JobQueue, finish: Finish) -> No
     if job.status is not JobStatus.IN_PROGRESS:
         mark_queued(job)
     queue.push(job)
+
+
+def hand_back_run(job: Job, state: Path) -> None:
+    """A `batchbox run` job that an older batchbox kept in the service's spool: moved to the
+    runs' own, where running the same file again resumes it. The service never runs it."""
+    target = spool_folder(state, RUNS) / job.work.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    rename_durably(job.work, target)
+    log.info("run_job_handed_back", job=job.id, work=str(target))

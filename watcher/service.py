@@ -25,6 +25,7 @@ import structlog
 
 from runner.durable import is_disk_trouble
 from runner.run import Progress
+from watcher.aside import set_aside
 from watcher.config import Config
 from watcher.deliver import deliver_job
 from watcher.diskwait import DiskWait
@@ -37,6 +38,7 @@ from watcher.etas import (
     write_running_eta,
 )
 from watcher.inbox import Candidate, start_observer
+from watcher.inboxnames import is_regular, make_model_folders, remove_file
 from watcher.intake import Intake
 from watcher.jobqueue import JobQueue
 from watcher.jobs import Job, JobStatus, mark_queued, write_status
@@ -44,7 +46,7 @@ from watcher.machine import one_filesystem_problem
 from watcher.notify import notify, watchdog_interval
 from watcher.recovery import recover_folder, remove_temporaries
 from watcher.sidecars import sweep_status_files
-from watcher.spool import has_record, spool_folder
+from watcher.spool import has_record, never_recorded, spool_folder
 from watcher.worker import Running, start_job
 
 log = structlog.get_logger()
@@ -76,8 +78,7 @@ class Service:
         problem = one_filesystem_problem(self.config)
         if problem:
             raise StartError(problem)
-        for alias in self.config.models:
-            (self.inbox / alias).mkdir(parents=True, exist_ok=True)
+        make_model_folders(self.inbox, list(self.config.models))
         spool_folder(self.state).mkdir(parents=True, exist_ok=True)
         self.outbox.mkdir(parents=True, exist_ok=True)
         self.recover()
@@ -179,23 +180,31 @@ class Service:
         mark_queued(job)
 
     def finish(self, job: Job, final: JobStatus) -> bool:
-        """Deliver a job that is not running; on a disk error it is picked up again later."""
+        """Deliver a job that is not running; on a disk error it is picked up again later.
+        One that cannot be delivered otherwise is set aside (watcher.aside)."""
         try:
             deliver_job(job, self.config, self.outbox, final)
         except OSError as error:
             if not is_disk_trouble(error):
-                raise
+                return self.set_aside(job, error)
             log.warning("job_not_delivered", job=job.id, error=str(error))
             self.disk.wait_with(job.work)
             self.disk.trouble(error)
             return False
+        except Exception as error:  # noqa: BLE001 - one bad job must not stop the service
+            return self.set_aside(job, error)
         log.info("job_finished", **job.summary())
         self.disk.succeeded()
         return True
 
+    def set_aside(self, job: Job, error: Exception) -> bool:
+        log.error("job_not_delivered", job=job.id, exc_info=error)
+        set_aside(job.work, self.state, f"it could not be delivered ({error})", job)
+        return True
+
     def cancel(self, path: Path) -> None:
-        if not path.is_file():
-            return  # gone, or a folder or link that merely has the name: not a cancel
+        if not is_regular(path, "cancel file"):
+            return  # gone, or a folder, link or FIFO that merely has the name: not a cancel
         stem = path.stem
         running = self.running
         if running is not None and running.job.sidecar_dir == path.parent and (
@@ -203,19 +212,22 @@ class Service:
         ):
             running.cancel.set()
             log.info("job_cancel_requested", job=running.job.id)
-            path.unlink(missing_ok=True)
+            remove_file(path, "cancel file")
             return
         job = self.queue.find(path.parent, stem)
         if job is not None:
             self.queue.remove(job)
             self.etas.forget(job)
             if self.finish(job, JobStatus.CANCELLED):
-                path.unlink(missing_ok=True)  # else kept: the cancel applies once it is back
+                remove_file(path, "cancel file")  # else kept: it applies once the job is back
             return
+        if self.intake.stems.owner(path.parent, stem) is not None:
+            log.info("job_cancel_waits", path=str(path))
+            return  # its job waits for the disk: the cancel applies once it is back
         if (path.parent / f"{stem}.jsonl").exists():
             return  # its file is still settling: the cancel applies once it is claimed
         log.warning("cancel_without_job", path=str(path))
-        path.unlink(missing_ok=True)
+        remove_file(path, "cancel file")
 
     # -- the running job ----------------------------------------------------------------
 
@@ -264,25 +276,34 @@ class Service:
         """Pick up every job the spool holds; the queue puts them back in their order."""
         remove_temporaries(self.inbox, self.state, self.outbox)
         for work in sorted(spool_folder(self.state).iterdir()):
-            if not has_record(work):
+            if never_recorded(work):
                 shutil.rmtree(work, ignore_errors=True)  # claimed but never recorded: empty
                 continue
-            self.recover_folder(work)
+            self.recover_one(work)
 
     def recover_waiting_jobs(self) -> None:
-        """Pick up, from their spool records, the jobs a disk error cut short."""
+        """Pick up, from their spool records, the jobs a disk error cut short; a cancel
+        dropped while they waited applies now."""
         folders = self.disk.take_waiting()
         for index, work in enumerate(folders):
             if not self.recover_folder(work):
                 for later in folders[index + 1 :]:
                     self.disk.wait_with(later)  # the disk failed again: the rest wait with it
                 return
+            key = self.intake.stems.key_of(work)
+            if key is not None and is_regular(key[0] / f"{key[1]}.cancel", "cancel file"):
+                self.cancel(key[0] / f"{key[1]}.cancel")
 
     def recover_folder(self, work: Path) -> bool:
         """Recover one spool folder into the queue (or the outbox); False on a disk error."""
         if not has_record(work):
             return True  # delivered meanwhile, or never recorded
-        return recover_folder(work, self.config, self.queue, self.finish, self.disk)
+        return self.recover_one(work)
+
+    def recover_one(self, work: Path) -> bool:
+        return recover_folder(
+            work, self.config, self.queue, self.finish, self.disk, self.intake.stems.hold
+        )
 
     # -- systemd ------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ from typing import Any
 import orjson
 import structlog
 
-from runner.durable import is_disk_trouble, write_json_atomic
+from runner.durable import is_disk_trouble
+from watcher.inboxnames import read_small, real_folders, remove_file, write_file
 
 log = structlog.get_logger()
 
@@ -89,11 +90,15 @@ def eta_document(eta: datetime, seconds: float, written: datetime, basis: str) -
     }
 
 
+def encode(document: dict[str, Any]) -> bytes:
+    return orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
+
+
 def write_sidecar(path: Path, document: dict[str, Any]) -> None:
     """Write a sidecar atomically. A name the inbox cannot hold (too long, taken by a folder)
     is logged and the job goes on without it; a full or failing disk is raised."""
     try:
-        write_json_atomic(path, document)
+        write_file(path, encode(document), "sidecar")
     except OSError as error:
         if is_disk_trouble(error):
             raise
@@ -114,31 +119,40 @@ def write_refusal(path: Path, inbox: Path, reason: str, code: str) -> None:
         errors=[{"code": code, "message": reason}],
     )
     try:
-        write_json_atomic(path.with_name(f"{path.stem}{STATUS}"), document)
+        write_file(path.with_name(f"{path.stem}{STATUS}"), encode(document), "sidecar")
     except OSError as error:  # its folder went away meanwhile: the log says it all
         log.warning("status_not_written", path=str(path), error=str(error))
 
 
 def sweep_status_files(inbox: Path, keep_hours: float) -> None:
-    """Remove final `.status` sidecars older than `keep_hours`."""
+    """Remove final `.status` sidecars older than `keep_hours`. Only regular files are read
+    (bounded) or removed; symlinked folders are not followed (watcher.inboxnames)."""
     cutoff = now() - timedelta(hours=keep_hours)
-    # Symlinked folders are not followed: the sweep deletes files only inside the inbox.
-    subfolders = [path for path in inbox.iterdir() if path.is_dir() and not path.is_symlink()]
-    for folder in [inbox, *subfolders]:
+    for folder in [inbox, *real_folders(inbox)]:
         for path in folder.glob(f"*{STATUS}"):
-            if is_expired(path, cutoff):
-                path.unlink(missing_ok=True)
+            expired = expired_inode(path, cutoff)
+            if expired is not None:
+                remove_file(path, "status file", inode=expired)
 
 
-def is_expired(path: Path, cutoff: datetime) -> bool:
+def expired_inode(path: Path, cutoff: datetime) -> int | None:
+    """The inode of a final `.status` finished before `cutoff`, else None."""
     try:
-        document = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return False
+        inode = path.lstat().st_ino
+        data = read_small(path, "status file")
+    except OSError:
+        return None
+    if data is None:
+        return None
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
     if not isinstance(document, dict) or document.get("status") not in FINAL_STATES:
-        return False
+        return None
     finished = document.get("completed_at") or document.get("updated_at")
     try:
-        return finished is not None and datetime.fromisoformat(finished) < cutoff
+        expired = isinstance(finished, str) and datetime.fromisoformat(finished) < cutoff
     except ValueError:
-        return False
+        return None
+    return inode if expired else None

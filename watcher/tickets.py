@@ -14,6 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from watcher.config import ConfigError, describe_errors, load_yaml
+from watcher.inboxnames import is_regular
 from watcher.jobs import Job, fail_job
 
 TICKET_SUFFIXES = (".yaml", ".yml")
@@ -48,9 +49,11 @@ class TicketError(Exception):
 
 
 def find_ticket(folder: Path, stem: str) -> Path | None:
+    """`<stem>.yaml` or `.yml` when it is a regular file; anything else under that name (a
+    link, a FIFO, a folder) is never read, and is logged once."""
     for suffix in TICKET_SUFFIXES:
         path = folder / f"{stem}{suffix}"
-        if path.is_file() and not path.is_symlink():
+        if is_regular(path, "ticket"):
             return path
     return None
 

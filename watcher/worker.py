@@ -13,6 +13,7 @@ import structlog
 
 from runner.durable import is_disk_trouble
 from runner.run import Progress
+from watcher.aside import set_aside
 from watcher.config import Config
 from watcher.deliver import deliver_job
 from watcher.execute import DiskTrouble, EngineProvider, RunHooks, execute_job
@@ -92,7 +93,13 @@ def fail_crashed(job: Job, config: Config, outbox: Path, error: Exception) -> OS
     except OSError as delivery_error:
         if is_disk_trouble(delivery_error):
             return delivery_error
-        log.exception("job_not_delivered", job=job.id)
-    except Exception:  # noqa: BLE001 - the spool keeps it for the next start
-        log.exception("job_not_delivered", job=job.id)
+        set_crashed_aside(job, config, delivery_error)
+    except Exception as delivery_error:  # noqa: BLE001 - set aside, the others run on
+        set_crashed_aside(job, config, delivery_error)
     return None
+
+
+def set_crashed_aside(job: Job, config: Config, error: Exception) -> None:
+    log.exception("job_not_delivered", job=job.id)
+    reason = f"it failed and could not be delivered ({error})"
+    set_aside(job.work, config.folder("state"), reason, job)

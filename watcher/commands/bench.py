@@ -19,6 +19,7 @@ from watcher.errors import EXIT_OK, CommandFailed
 from watcher.execute import RunHooks, execute_job
 from watcher.jobs import JobStatus
 from watcher.logs import configure_logging
+from watcher.owner import hold_for_command
 
 
 def bench_model(args: argparse.Namespace, config: Config) -> int:
@@ -26,15 +27,23 @@ def bench_model(args: argparse.Namespace, config: Config) -> int:
     that the first real job of the model is estimated from a measurement, not a guess."""
     configure_logging(sys.stderr)
     known_model(config, args.model, required=True)
+    lock = hold_for_command(config.folder("state"), config.folder("inbox"), "bench")
+    try:
+        return calibrate(args.model, config)
+    finally:
+        lock.release()
+
+
+def calibrate(model: str, config: Config) -> int:
     state = config.folder("state")
     # A throwaway outbox inside state/: the record goes to the history, the folder away.
     outbox = state / "bench"
     outbox.mkdir(parents=True, exist_ok=True)
-    endpoint = config.models[args.model].endpoints[0]
+    endpoint = config.models[model].endpoints[0]
     with tempfile.TemporaryDirectory(prefix="batchbox-bench-") as folder:
-        path = Path(folder) / f"calibration-{args.model}.jsonl"
+        path = Path(folder) / f"calibration-{model}.jsonl"
         path.write_bytes(calibration_lines(endpoint))
-        job = validated_run_job(config, path, args.model, outbox)
+        job = validated_run_job(config, path, model, outbox)
     job.metadata = {**job.metadata, "calibration": True}
     stop = stop_on_signals()
     engines = EngineKeeper()

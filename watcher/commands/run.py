@@ -22,7 +22,8 @@ from watcher.etas import estimate_job
 from watcher.execute import RunHooks, execute_job
 from watcher.jobs import Job, JobStatus, write_status
 from watcher.logs import configure_logging
-from watcher.spool import INPUT, new_spool_job, spool_jobs
+from watcher.owner import hold_for_command
+from watcher.spool import INPUT, RUNS, new_spool_job, spool_jobs
 from watcher.tickets import find_ticket, read_ticket_into
 from watcher.validate import check_job
 
@@ -35,11 +36,19 @@ def run_file(args: argparse.Namespace, config: Config) -> int:
     known_model(config, args.model)
     outbox = Path(args.output).resolve() if args.output else config.folder("outbox")
     outbox.mkdir(parents=True, exist_ok=True)
+    lock = hold_for_command(config.folder("state"), config.folder("inbox"), "run")
+    try:
+        return run_locked(config, path, args.model, outbox)
+    finally:
+        lock.release()
+
+
+def run_locked(config: Config, path: Path, model: str | None, outbox: Path) -> int:
     job = unfinished_run(config, path)
     if job is not None:
         log.info("job_resumed", job=job.id, done=job.completed + job.failed, total=job.total)
     else:
-        job = validated_run_job(config, path, args.model, outbox)
+        job = validated_run_job(config, path, model, outbox)
     stop = stop_on_signals()
     bar = ProgressBar(job.total)
     hooks = RunHooks(on_progress=bar.update, stop_requested=stop.is_set)
@@ -71,7 +80,7 @@ def stop_on_signals() -> threading.Event:
 
 def prepare_run_job(config: Config, path: Path, model: str | None) -> tuple[Job, str | None]:
     """A spool job holding a copy of the file (and its ticket): `run` leaves the file be."""
-    job = new_spool_job(config.folder("state"), path.stem)
+    job = new_spool_job(config.folder("state"), path.stem, spool=RUNS)
     job.origin = str(path.resolve())
     shutil.copyfile(path, job.out / INPUT)
     ticket_model = model
@@ -101,7 +110,7 @@ def validated_run_job(config: Config, path: Path, model: str | None, outbox: Pat
 
 def unfinished_run(config: Config, path: Path) -> Job | None:
     """A `run` of this very file that was stopped part way, to resume rather than redo."""
-    for job in spool_jobs(config.folder("state")):
+    for job in spool_jobs(config.folder("state"), RUNS):
         if (
             job.sidecar_dir is None
             and job.origin == str(path.resolve())

@@ -9,11 +9,12 @@ from benchmarks.record import read_history
 from watcher.config import Config
 from watcher.errors import EXIT_OK
 from watcher.jobs import JobStatus
-from watcher.spool import spool_jobs
+from watcher.spool import RUNS, spool_jobs
 
 
 def show_status(args: argparse.Namespace, config: Config) -> int:
     jobs = spool_jobs(config.folder("state"))
+    jobs += spool_jobs(config.folder("state"), RUNS)  # a `batchbox run` at work shows too
     running = [job.status_document() for job in jobs if job.status is JobStatus.IN_PROGRESS]
     queued = sorted(
         (job for job in jobs if job.status is JobStatus.QUEUED),

@@ -43,13 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("check", help="validate the config and the machine")
     bench = commands.add_parser("bench", help="run a short calibration batch for a model")
     bench.add_argument("model")
+    # -- the HTTP API (watcher/api) --
+    commands.add_parser("api", help="serve the OpenAI-compatible API and the status page")
+    key = commands.add_parser("key", help="API keys: add NAME, list, remove NAME")
+    key_actions = key.add_subparsers(dest="action", required=True, parser_class=Parser)
+    key_actions.add_parser("add", help="make a key and print it once").add_argument("name")
+    key_actions.add_parser("list", help="the keys, without the keys themselves")
+    key_actions.add_parser("remove", help="remove a key").add_argument("name")
     return parser
 
 
 def _handlers() -> dict[str, Callable[[argparse.Namespace, Config], int]]:
     from watcher import commands
+    from watcher.api import commands as api_commands
 
     return {
+        "api": api_commands.serve_api,
+        "key": api_commands.key,
         "run": commands.run_file,
         "check": commands.check,
         "serve": commands.serve,

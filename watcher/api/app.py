@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from filelock import FileLock, Timeout
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -37,6 +37,14 @@ from watcher.api.upload import MULTIPART_OVERHEAD, receive_upload, too_large
 from watcher.config import Config
 
 READ_BYTES = 1 << 20
+
+
+class Json(JSONResponse):
+    """JSON by orjson, returned as it is: FastAPI's own encoding of a returned dict takes
+    tens of milliseconds for a page of 100 batches."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 
 class AlreadyServing(Exception):
@@ -210,23 +218,25 @@ def build_app(api: Api) -> FastAPI:
         return HTMLResponse(page_html(data), headers=PAGE_HEADERS)
 
     @app.get("/status.json")
-    def status_json(key: Viewer) -> JSONResponse:
+    def status_json(key: Viewer) -> Response:
         data = appliance_status(api.contract.inbox, api.history)
-        return JSONResponse(data, headers={"Cache-Control": "no-store"})
+        return Json(data, headers={"Cache-Control": "no-store"})
 
     @app.get("/v1/models")
-    def models(key: Caller) -> dict[str, Any]:
-        return {"object": "list", "data": [model_object(api, alias) for alias in api.config.models]}
+    def models(key: Caller) -> Response:
+        return Json(
+            {"object": "list", "data": [model_object(api, alias) for alias in api.config.models]}
+        )
 
     @app.get("/v1/models/{model}")
-    def model(model: str, key: Caller) -> dict[str, Any]:
+    def model(model: str, key: Caller) -> Response:
         if model not in api.config.models:
             raise ApiError(404, f"The model '{model}' does not exist.", code="model_not_found")
-        return model_object(api, model)
+        return Json(model_object(api, model))
 
     @app.post("/v1/files")
-    async def create_file(request: Request, key: Caller) -> dict[str, Any]:
-        return public_file(await receive_file(api, request, key))
+    async def create_file(request: Request, key: Caller) -> Response:
+        return Json(public_file(await receive_file(api, request, key)))
 
     @app.get("/v1/files")
     def list_files(
@@ -235,13 +245,13 @@ def build_app(api: Api) -> FastAPI:
         limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
         order: Literal["asc", "desc"] = "desc",
         purpose: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> Response:
         records, has_more = api.files.page(key.id, after, limit, order, purpose)
-        return _list([public_file(record) for record in records], has_more)
+        return Json(_list([public_file(record) for record in records], has_more))
 
     @app.get("/v1/files/{file_id}")
-    def retrieve_file(file_id: str, key: Caller) -> dict[str, Any]:
-        return public_file(api.files.get(key.id, file_id))
+    def retrieve_file(file_id: str, key: Caller) -> Response:
+        return Json(public_file(api.files.get(key.id, file_id)))
 
     @app.get("/v1/files/{file_id}/content")
     def file_content(file_id: str, key: Caller) -> StreamingResponse:
@@ -256,29 +266,29 @@ def build_app(api: Api) -> FastAPI:
         )
 
     @app.delete("/v1/files/{file_id}")
-    def delete_file(file_id: str, key: Caller) -> dict[str, Any]:
+    def delete_file(file_id: str, key: Caller) -> Response:
         api.files.delete(key.id, file_id)
-        return {"id": file_id, "object": "file", "deleted": True}
+        return Json({"id": file_id, "object": "file", "deleted": True})
 
     @app.post("/v1/batches")
-    def create_batch(body: CreateBatch, key: Caller) -> dict[str, Any]:
-        return api.batches.create(key.id, body)
+    def create_batch(body: CreateBatch, key: Caller) -> Response:
+        return Json(api.batches.create(key.id, body))
 
     @app.get("/v1/batches")
     def list_batches(
         key: Caller,
         after: str | None = None,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    ) -> dict[str, Any]:
-        return _list(*api.batches.page(key.id, after, limit))
+    ) -> Response:
+        return Json(_list(*api.batches.page(key.id, after, limit)))
 
     @app.get("/v1/batches/{batch_id}")
-    def retrieve_batch(batch_id: str, key: Caller) -> dict[str, Any]:
-        return api.batches.get(key.id, batch_id)
+    def retrieve_batch(batch_id: str, key: Caller) -> Response:
+        return Json(api.batches.get(key.id, batch_id))
 
     @app.post("/v1/batches/{batch_id}/cancel")
-    def cancel_batch(batch_id: str, key: Caller) -> dict[str, Any]:
-        return api.batches.cancel(key.id, batch_id)
+    def cancel_batch(batch_id: str, key: Caller) -> Response:
+        return Json(api.batches.cancel(key.id, batch_id))
 
     return app
 

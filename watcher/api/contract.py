@@ -136,7 +136,7 @@ class Contract:
     def is_outbox_folder(self, stem: str, name: object) -> bool:
         """A name the outbox folder of `<stem>.jsonl` in the inbox can have: `<stem>`,
         `<stem>-2`, ... (SPEC section 5), and nothing that leads elsewhere."""
-        return isinstance(name, str) and re.fullmatch(rf"{re.escape(stem)}(-[0-9]+)?", name)
+        return isinstance(name, str) and bool(re.fullmatch(rf"{re.escape(stem)}(-[0-9]+)?", name))
 
     def delivered(self, stem: str, name: str) -> dict[str, Any] | None:
         """The final status of the folder `name` if it is this batch's delivered folder."""

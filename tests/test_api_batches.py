@@ -291,3 +291,18 @@ def test_unknown_routes_and_bad_bodies_answer_in_openais_shape(tmp_path: Path) -
 
         response = httpx.post(f"{site.base_url}/batches", headers=headers, content=chunks())
         assert response.status_code == 413
+
+
+def test_the_batch_data_is_a_hard_link_and_outlives_the_deleted_upload(tmp_path: Path) -> None:
+    with appliance(tmp_path) as site:  # the service starts later
+        client = site.client()
+        file_id = upload(client, chat_requests(4))
+        batch = create(client, file_id)
+        placed = site.inbox / f"api-{batch.id}.jsonl"
+        kept = site.state / "files" / file_id / "content"
+        assert placed.stat().st_ino == kept.stat().st_ino  # one inode: no copy was made
+        client.files.delete(file_id)  # OpenAI allows it; the batch keeps its data
+        assert not kept.exists() and placed.is_file()
+        site.start_serve()
+        batch = finish(client, batch.id)
+        assert batch.status == "completed" and batch.request_counts.completed == 4

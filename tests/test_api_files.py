@@ -225,3 +225,44 @@ def test_the_header_deadline_never_cuts_a_request_short(tmp_path: Path) -> None:
         response = connection.getresponse()
         assert response.status == 200 and len(json.loads(response.read())["data"]) == 1
         connection.close()
+
+
+def test_memory_stays_flat_during_a_large_upload(tmp_path: Path) -> None:
+    """64 MiB through the API raise its peak memory by far less than the file."""
+    with appliance(tmp_path) as site:
+        pid = site.api.process.pid
+        client = site.client()
+        client.files.create(file=("small.jsonl", io.BytesIO(b"{}\n" * 1000)), purpose="batch")
+        before = peak_memory(pid)
+        boundary = "mem"
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="b.jsonl"'
+            "\r\n\r\n"
+        ).encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+
+        def chunks() -> Iterator[bytes]:
+            yield head
+            for _ in range(64):
+                yield b"{}\n" * (1 << 18) + b"{}" + b"\n" * ((1 << 20) - 3 * (1 << 18) - 2)
+            yield tail
+
+        response = httpx.post(
+            f"{site.base_url}/files",
+            headers={
+                "Authorization": f"Bearer {site.key()}",
+                "Content-Type": f"multipart/form-data; boundary={boundary}",
+            },
+            content=chunks(),
+            timeout=600,
+        )
+        assert response.status_code == 200 and response.json()["bytes"] == 64 << 20
+        assert peak_memory(pid) - before < 16 << 20
+
+
+def peak_memory(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import openai
 from apikit import SLOW, Appliance, appliance, chat_requests, finish, leftovers, outputs, poll
-from servicekit import read_json, wait_for
+from servicekit import batchbox, read_json, wait_for
 
 CHAT = "/v1/chat/completions"
 
@@ -173,3 +173,11 @@ def test_a_batch_with_no_trace_left_is_expired(tmp_path: Path) -> None:
         site.start_api()
         batch = site.client().batches.retrieve(batch_id)
         assert batch.status == "expired" and batch.expired_at is not None
+
+
+def test_a_second_api_on_the_same_state_folder_exits_naming_the_first(tmp_path: Path) -> None:
+    with appliance(tmp_path) as site:
+        second = batchbox(site.config_path, "api")
+        assert second.returncode == 1
+        assert "another batchbox api" in second.stderr and "api.lock" in second.stderr
+        assert site.client().models.list().data  # the first one serves on

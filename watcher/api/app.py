@@ -8,12 +8,9 @@ spends its own allowance of requests.
 from __future__ import annotations
 
 import base64
-import hashlib
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -30,6 +27,7 @@ from watcher.api.errors import ApiError, bad_request, install_error_handlers
 from watcher.api.files import FileStore, public_file
 from watcher.api.guard import BodyGuard, BodyTimeout, body_timeout_error
 from watcher.api.keys import ApiKey, KeyRing
+from watcher.api.page import PAGE_HEADERS, page_html
 from watcher.api.ratelimit import RateLimiter
 from watcher.api.status import History, appliance_status
 from watcher.api.storage import CONTENT, FILE_PREFIX, ApiFolders, new_id
@@ -157,29 +155,6 @@ async def viewer(request: Request) -> ApiKey:
 
 Caller = Annotated[ApiKey, Depends(caller)]
 Viewer = Annotated[ApiKey, Depends(viewer)]
-
-
-# -- the page ------------------------------------------------------------------------------
-
-PAGE = resources.files("watcher.api").joinpath("page.html").read_text(encoding="utf-8")
-_SCRIPT = re.search(r"<script>(.*?)</script>", PAGE, re.S).group(1)  # type: ignore[union-attr]
-_SCRIPT_HASH = base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()
-PAGE_HEADERS = {
-    "Cache-Control": "no-store",
-    "X-Content-Type-Options": "nosniff",
-    # Nothing from elsewhere: only its own inline script and styles, and its own JSON.
-    "Content-Security-Policy": (
-        f"default-src 'none'; script-src 'sha256-{_SCRIPT_HASH}'; style-src 'unsafe-inline'; "
-        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
-        "frame-ancestors 'none'"
-    ),
-}
-
-
-def page_html(data: dict[str, Any]) -> str:
-    # `<` escaped, so that no value can end the <script> element it is embedded in.
-    embedded = orjson.dumps(data).decode().replace("<", "\\u003c")
-    return PAGE.replace("__INITIAL__", embedded)
 
 
 # -- the app -------------------------------------------------------------------------------

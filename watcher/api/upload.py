@@ -115,7 +115,7 @@ class _Receiver:
             self.upload.size += end - start
             if self.upload.size > self.limit:
                 raise TooLarge
-            self.pending += data[start:end]
+            self.pending += memoryview(data)[start:end]
         elif self.part is not None:
             self.value += data[start:end]
             if len(self.value) > FIELD_BYTES:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import socket
 import sys
@@ -60,6 +61,8 @@ class ApiServer(uvicorn.Server):
 
 def serve_api(args: argparse.Namespace, config: Config) -> int:
     configure_logging(sys.stdout)
+    # A malformed upload is answered 400 with the parser's reason; its warning adds nothing.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     sock = listen(config.api.address)
     try:
         api = open_api(config)

@@ -82,6 +82,8 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     if first.get("type") == "json_invalid":
         return "The request body is not valid JSON.", None
     if first.get("type") == "missing":
+        if param is None:
+            return "The request needs a JSON object as its body.", None
         return f"Missing required parameter: '{param}'.", param
     if first.get("type") == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param}", param

@@ -181,3 +181,30 @@ def test_a_second_api_on_the_same_state_folder_exits_naming_the_first(tmp_path: 
         assert second.returncode == 1
         assert "another batchbox api" in second.stderr and "api.lock" in second.stderr
         assert site.client().models.list().data  # the first one serves on
+
+
+def test_output_files_half_registered_by_a_crash_are_tidied_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """Output files are registered before their batch's record names them: a SIGKILL in
+    between leaves files that no batch names (and, a moment earlier, a folder without its
+    record). The next start removes both and keeps the batch's own."""
+    with appliance(tmp_path, serve=True) as site:
+        client = site.client()
+        batch = finish(client, create(client, upload(client, chat_requests(2))))
+        site.api.kill()
+        files = site.state / "files"
+        orphan = "file-" + "0" * 11 + "1" + "b" * 12
+        (files / orphan).mkdir()
+        record = read_json(files / batch.output_file_id / "record.json")
+        (files / orphan / "record.json").write_text(json.dumps(record | {"id": orphan}))
+        bare = "file-" + "0" * 11 + "1" + "c" * 12
+        (files / bare).mkdir()
+
+        site.start_api()
+        client = site.client()
+        assert not (files / orphan).exists() and not (files / bare).exists()
+        assert {item.id for item in client.files.list(purpose="batch_output")} == {
+            batch.output_file_id
+        }
+        assert_each_line_once(client, client.batches.retrieve(batch.id), 2)

@@ -32,7 +32,6 @@ log = structlog.get_logger()
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 WINDOW = "24h"
-WINDOW_SECONDS = 24 * 3600
 OUTPUTS = (("results.jsonl", "output_file_id"), ("errors.jsonl", "error_file_id"))
 OPENAI_STATUS = {
     "validating": "validating",
@@ -132,7 +131,7 @@ def batch_object(
         "error_file_id": record.get("error_file_id"),
         "created_at": created,
         "in_progress_at": epoch(document.get("in_progress_at")),
-        "expires_at": created + WINDOW_SECONDS,
+        "expires_at": None,  # the window is accepted, not enforced: a batch runs to its end
         "finalizing_at": (
             epoch(document.get("updated_at"))
             if status == "finalizing"
@@ -181,6 +180,17 @@ class BatchStore:
             if not record.get("placed") and not self._settle_placement(record):
                 continue
             self._index(record)
+        self._drop_orphan_outputs()
+
+    def _drop_orphan_outputs(self) -> None:
+        """Output files are registered before their batch's record names them (so that a
+        record never names a file that is not there); a crash in between leaves files no
+        batch names, which go, and are registered again when the batch is next looked at."""
+        for output in self.files.outputs():
+            batch = self.records.get(output["batch_id"])
+            named = (batch or {}).get("output_file_id"), (batch or {}).get("error_file_id")
+            if output["id"] not in named:
+                self.files.delete(output["owner"], output["id"])
 
     def _settle_placement(self, record: dict[str, Any]) -> bool:
         """A record whose placement never finished: kept if its data reached the inbox, else
@@ -290,11 +300,10 @@ class BatchStore:
         with self.lock:
             if record.get("final") is None:
                 ended = epoch(document.get("completed_at")) or int(time.time())
-                for name, key in OUTPUTS:
-                    record[key] = self._output(record, folder, name, ended)
-                record["outbox"] = folder
-                record["final"] = document
-                save(self.folders.batch_record(record["id"]), record)
+                finished = {key: self._output(record, folder, name, ended) for name, key in OUTPUTS}
+                finished |= {"outbox": folder, "final": document}
+                save(self.folders.batch_record(record["id"]), record | finished)
+                record.update(finished)
         return batch_object(record, record["final"], record["final"]["status"])
 
     def _output(self, record: dict[str, Any], folder: str, name: str, ended: int) -> str | None:

@@ -55,7 +55,12 @@ class FileStore:
         for entry in os.scandir(self.folders.files):
             if not (is_file_id(entry.name) and entry.is_dir(follow_symlinks=False)):
                 continue
-            record = read_json_file(Path(entry.path) / RECORD)
+            folder = Path(entry.path)
+            if not (folder / RECORD).exists():
+                # An output file's folder made just before a crash; its record never written.
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            record = read_json_file(folder / RECORD)
             if record is None or record.get("id") != entry.name:
                 log.warning("file_record_unreadable", file=entry.name)
                 continue
@@ -147,6 +152,9 @@ class FileStore:
             return None
 
     # -- deleting ----------------------------------------------------------------------
+
+    def outputs(self) -> list[dict[str, Any]]:
+        return [record for record in self.records.values() if record["purpose"] == "batch_output"]
 
     def delete(self, owner: str, file_id: str) -> None:
         """Forget a file; an upload's data goes too (a batch made from it has its own link

@@ -306,3 +306,37 @@ def test_the_batch_data_is_a_hard_link_and_outlives_the_deleted_upload(tmp_path:
         site.start_serve()
         batch = finish(client, batch.id)
         assert batch.status == "completed" and batch.request_counts.completed == 4
+
+
+def test_a_forged_status_in_the_inbox_breaks_nothing_and_leaks_nothing(tmp_path: Path) -> None:
+    """Anyone who can write to the share can write a `.status` for an API batch; the API
+    still answers in the SDK's types, and follows no path the document names."""
+    with appliance(tmp_path) as site:
+        client = site.client()
+        batch = create(client, upload(client, chat_requests(2)))
+        sidecar = site.inbox / f"api-{batch.id}.status"
+        forged = {
+            "input": f"api-{batch.id}.jsonl",
+            "status": ["in_progress"],
+            "request_counts": {"total": "many", "completed": -3, "failed": True},
+            "usage": "lots",
+            "errors": "none",
+            "model": 5,
+            "queue_position": "first",
+            "eta": "2020-01-01T00:00:00",
+            "throughput": [1],
+        }
+        sidecar.write_text(json.dumps(forged))
+        seen = client.batches.retrieve(batch.id)  # strict validation: every type as declared
+        assert seen.request_counts.model_dump() == {"total": 0, "completed": 0, "failed": 0}
+        assert seen.model is None
+
+        sidecar.write_text(json.dumps(forged | {"status": "completed", "outbox": "../state/api"}))
+        seen = client.batches.retrieve(batch.id)
+        assert seen.output_file_id is None and seen.error_file_id is None
+        page = httpx.get(site.origin + "/status.json", auth=("me", site.key()))
+        assert page.status_code == 200
+        sidecar.write_text(json.dumps(forged | {"status": "queued"}))
+        page = httpx.get(site.origin + "/status.json", auth=("me", site.key()))
+        assert page.status_code == 200 and page.json()["queue"][0]["total"] == 0
+        assert httpx.get(site.origin + "/", auth=("me", site.key())).status_code == 200

@@ -22,7 +22,7 @@ import structlog
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from watcher.api.contract import FINAL, Contract, stem_for
+from watcher.api.contract import FINAL, Contract, number, stem_for, text
 from watcher.api.errors import ApiError, bad_request, not_found
 from watcher.api.files import FileStore
 from watcher.api.storage import BATCH_PREFIX, ApiFolders, is_batch_id, new_id, read_json_file
@@ -56,10 +56,10 @@ class CreateBatch(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _openai_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        for key, text in (value or {}).items():
+        for key, content in (value or {}).items():
             if len(key) > 64:
                 raise ValueError(f"key {key[:20]!r}... is longer than 64 characters")
-            if len(text) > 512:
+            if len(content) > 512:
                 raise ValueError(f"the value of {key!r} is longer than 512 characters")
         return value
 
@@ -74,16 +74,17 @@ def epoch(moment: object) -> int | None:
 
 
 def _counts(document: dict[str, Any] | None) -> dict[str, int]:
-    counts = (document or {}).get("request_counts") or {}
-    return {key: int(counts.get(key) or 0) for key in ("total", "completed", "failed")}
+    counts = (document or {}).get("request_counts")
+    counts = counts if isinstance(counts, dict) else {}
+    return {key: number(counts.get(key)) for key in ("total", "completed", "failed")}
 
 
 def _usage(document: dict[str, Any] | None) -> dict[str, Any] | None:
     usage = (document or {}).get("usage")
     if not isinstance(usage, dict):
         return None
-    prompt = int(usage.get("prompt_tokens") or 0)
-    completion = int(usage.get("completion_tokens") or 0)
+    prompt = number(usage.get("prompt_tokens"))
+    completion = number(usage.get("completion_tokens"))
     return {
         "input_tokens": prompt,
         "input_tokens_details": {"cached_tokens": 0},
@@ -94,14 +95,15 @@ def _usage(document: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _errors(document: dict[str, Any]) -> dict[str, Any]:
+    errors = document.get("errors")
     data = [
         {
-            "code": error.get("code"),
-            "message": error.get("message"),
-            "line": error.get("line") if isinstance(error.get("line"), int) else None,
+            "code": text(error.get("code")),
+            "message": text(error.get("message")),
+            "line": number(error.get("line")) or None,
             "param": None,
         }
-        for error in document.get("errors") or []
+        for error in (errors if isinstance(errors, list) else [])
         if isinstance(error, dict)
     ]
     return {"object": "list", "data": data}
@@ -146,7 +148,7 @@ def batch_object(
         "cancelled_at": ended if status == "cancelled" else None,
         "request_counts": _counts(document),
         "metadata": record.get("metadata"),
-        "model": document.get("model"),
+        "model": text(document.get("model")),
         "usage": _usage(document),
     }
 
@@ -277,12 +279,13 @@ class BatchStore:
             return batch_object(record, record["final"], record["final"]["status"])
         stem = stem_for(record["id"])
         document = self.contract.status(stem)
-        if document is not None and document.get("status") in FINAL:
+        state = text((document or {}).get("status"))
+        if document is not None and state in FINAL:
             delivered = self.contract.delivered(stem, document.get("outbox"))
             if delivered is not None:
                 return self._finalize(record, document["outbox"], delivered)
         if document is not None:
-            return batch_object(record, document, str(document.get("status")))
+            return batch_object(record, document, state or "validating")
         if self.contract.data_waiting(stem):
             return batch_object(record, None, "validating")
         found = self.contract.find_delivered(stem)

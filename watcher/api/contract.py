@@ -36,6 +36,18 @@ LINK_REFUSED = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP,
 MAX_SIDECAR_BYTES = 1 << 20
 
 
+# The documents read from the inbox may hold anything anyone wrote there: a value is taken
+# only when it has the type its reader expects.
+
+
+def number(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def stem_for(batch_id: str) -> str:
     return f"{STEM_PREFIX}{batch_id}"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.record import HISTORY, read_history
-from watcher.api.contract import MAX_SIDECAR_BYTES
+from watcher.api.contract import MAX_SIDECAR_BYTES, number, text
 from watcher.api.storage import read_json_file
 from watcher.inbox import classify
 
@@ -27,7 +27,7 @@ def _seconds_until(moment: object, now: datetime) -> float | None:
         return None
     try:
         return max(0.0, (datetime.fromisoformat(moment) - now).total_seconds())
-    except ValueError:
+    except (ValueError, TypeError):  # not a time, or one without its offset
         return None
 
 
@@ -55,26 +55,28 @@ def sidecars(inbox: Path) -> list[tuple[Path, dict[str, Any]]]:
 
 
 def _job(path: Path, document: dict[str, Any], now: datetime) -> dict[str, Any]:
-    counts = document.get("request_counts") or {}
-    total = int(counts.get("total") or 0)
-    done = int(counts.get("completed") or 0) + int(counts.get("failed") or 0)
-    throughput = document.get("throughput") or {}
+    counts = document.get("request_counts")
+    counts = counts if isinstance(counts, dict) else {}
+    total, completed, failed = (number(counts.get(key)) for key in ("total", "completed", "failed"))
+    throughput = document.get("throughput")
+    speed = throughput.get("tokens_per_second") if isinstance(throughput, dict) else None
     eta = read_json_file(path.with_suffix(".eta"), MAX_SIDECAR_BYTES) or {}
+    expected = text(document.get("eta")) or text(eta.get("eta"))
     return {
-        "id": document.get("id"),
-        "input": document.get("input"),
-        "model": document.get("model"),
-        "status": document.get("status"),
+        "id": text(document.get("id")),
+        "input": text(document.get("input")),
+        "model": text(document.get("model")),
+        "status": text(document.get("status")),
         "total": total,
-        "completed": int(counts.get("completed") or 0),
-        "failed": int(counts.get("failed") or 0),
-        "progress": (done / total) if total else 0.0,
-        "tokens_per_second": throughput.get("tokens_per_second"),
-        "queue_position": document.get("queue_position"),
-        "eta": document.get("eta") or eta.get("eta"),
-        "seconds_remaining": _seconds_until(document.get("eta") or eta.get("eta"), now),
-        "basis": eta.get("basis"),
-        "started_at": document.get("in_progress_at"),
+        "completed": completed,
+        "failed": failed,
+        "progress": min(1.0, (completed + failed) / total) if total else 0.0,
+        "tokens_per_second": speed if isinstance(speed, (int, float)) else None,
+        "queue_position": number(document.get("queue_position")) or None,
+        "eta": expected,
+        "seconds_remaining": _seconds_until(expected, now),
+        "basis": text(eta.get("basis")),
+        "started_at": text(document.get("in_progress_at")),
     }
 
 
@@ -124,9 +126,9 @@ def appliance_status(inbox: Path, history: History) -> dict[str, Any]:
     now = datetime.now(timezone.utc)
     running, queue, inputs = [], [], {}
     for path, document in sidecars(inbox):
-        state = document.get("status")
-        if document.get("id"):
-            inputs[document["id"]] = document.get("input")
+        state = text(document.get("status"))
+        if text(document.get("id")):
+            inputs[document["id"]] = text(document.get("input"))
         if state in RUNNING:
             running.append(_job(path, document, now))
         elif state in WAITING:

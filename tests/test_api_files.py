@@ -227,38 +227,62 @@ def test_the_header_deadline_never_cuts_a_request_short(tmp_path: Path) -> None:
         connection.close()
 
 
+def upload_large(site: Appliance, mib: int) -> str:
+    """Upload `mib` MiB streamed from memory; the new file's id."""
+    boundary = "mem"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="b.jsonl"'
+        "\r\n\r\n"
+    ).encode()
+    block = (b"{}\n" * (1 << 19))[: 1 << 20]
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        for _ in range(mib):
+            yield block
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = httpx.post(
+        f"{site.base_url}/files",
+        headers={
+            "Authorization": f"Bearer {site.key()}",
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+        },
+        content=chunks(),
+        timeout=600,
+    )
+    assert response.status_code == 200 and response.json()["bytes"] == mib << 20
+    return response.json()["id"]
+
+
 def test_memory_stays_flat_during_a_large_upload(tmp_path: Path) -> None:
     """64 MiB through the API raise its peak memory by far less than the file."""
     with appliance(tmp_path) as site:
         pid = site.api.process.pid
-        client = site.client()
-        client.files.create(file=("small.jsonl", io.BytesIO(b"{}\n" * 1000)), purpose="batch")
+        site.client().files.create(file=("small.jsonl", io.BytesIO(b"{}\n")), purpose="batch")
         before = peak_memory(pid)
-        boundary = "mem"
-        head = (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="b.jsonl"'
-            "\r\n\r\n"
-        ).encode()
-        tail = f"\r\n--{boundary}--\r\n".encode()
-
-        def chunks() -> Iterator[bytes]:
-            yield head
-            for _ in range(64):
-                yield b"{}\n" * (1 << 18) + b"{}" + b"\n" * ((1 << 20) - 3 * (1 << 18) - 2)
-            yield tail
-
-        response = httpx.post(
-            f"{site.base_url}/files",
-            headers={
-                "Authorization": f"Bearer {site.key()}",
-                "Content-Type": f"multipart/form-data; boundary={boundary}",
-            },
-            content=chunks(),
-            timeout=600,
-        )
-        assert response.status_code == 200 and response.json()["bytes"] == 64 << 20
+        upload_large(site, 64)
         assert peak_memory(pid) - before < 16 << 20
+
+
+def test_a_client_that_stops_reading_a_download_is_dropped(tmp_path: Path) -> None:
+    with appliance(tmp_path, api={"body_timeout_seconds": 1}) as site:
+        file_id = upload_large(site, 64)
+        connection = raw_connection(site)
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        connection.sendall(
+            f"GET /v1/files/{file_id}/content HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {site.key()}\r\n\r\n".encode()
+        )
+        # nothing is read until the API has given up on this client
+        wait_for(lambda: site.api.events("api_client_stalled"), 60, "the API to give up")
+        received = 0
+        while chunk := connection.recv(1 << 20):
+            received += len(chunk)
+        connection.close()
+        assert 0 < received < 64 << 20  # cut off, not sent whole
+        assert len(site.client().files.list().data) == 1  # and the API serves on
 
 
 def peak_memory(pid: int) -> int:

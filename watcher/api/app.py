@@ -34,7 +34,9 @@ from watcher.api.storage import CONTENT, FILE_PREFIX, ApiFolders, new_id
 from watcher.api.upload import MULTIPART_OVERHEAD, receive_upload, too_large
 from watcher.config import Config
 
-READ_BYTES = 1 << 20
+# A download goes out in pieces this large; a client that does not take one within
+# `api.body_timeout_seconds` (under 9 KiB/s at the default 30 s) is dropped.
+READ_BYTES = 256 << 10
 
 
 class Json(JSONResponse):

@@ -6,7 +6,8 @@ request body that stops arriving: its `receive()` waits for ever. So:
 
 - `header_timeout_protocol` gives each connection a deadline for the headers of its next
   request, from when it opens and from the end of each response;
-- `BodyGuard` (ASGI middleware) bounds the wait for every piece of a request body, and reads
+- `BodyGuard` (ASGI middleware) bounds the wait for every piece of a request body and for
+  every piece of a response to be taken (a client that stops reading a download), and reads
   bodies other than uploads whole, at most `max_body_bytes`, before the app sees them.
 """
 
@@ -16,13 +17,20 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from watcher.api.errors import ApiError, error_response
 
+log = structlog.get_logger()
+
 
 class BodyTimeout(Exception):
     """The client stopped sending its request body."""
+
+
+class SendTimeout(Exception):
+    """The client stopped taking its response."""
 
 
 def body_timeout_error(seconds: float) -> ApiError:
@@ -65,6 +73,23 @@ def _timed(receive: Receive, seconds: float) -> Callable[[], Awaitable[Message]]
     return timed_receive
 
 
+def _timed_send(send: Send, seconds: float) -> Send:
+    async def timed_send(message: Message) -> None:
+        try:
+            await asyncio.wait_for(send(message), seconds)
+        except asyncio.TimeoutError:
+            raise SendTimeout from None
+
+    return timed_send
+
+
+def _caused_by_stall(error: BaseException) -> bool:
+    """A SendTimeout, also inside the exception groups of the task groups it crossed."""
+    if isinstance(error, SendTimeout):
+        return True
+    return any(_caused_by_stall(inner) for inner in getattr(error, "exceptions", ()))
+
+
 class BodyGuard:
     def __init__(
         self,
@@ -82,6 +107,15 @@ class BodyGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        try:
+            await self._guarded(scope, receive, _timed_send(send, self.idle_seconds))
+        except Exception as error:
+            if not _caused_by_stall(error):
+                raise
+            # Ending here without the whole response makes uvicorn close the connection.
+            log.warning("api_client_stalled", path=scope["path"], seconds=self.idle_seconds)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         timed = _timed(receive, self.idle_seconds)
         if self.streamed(scope["method"], scope["path"]):
             await self.app(scope, timed, send)

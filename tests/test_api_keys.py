@@ -92,3 +92,11 @@ def test_the_rate_limit_is_a_token_bucket_per_key() -> None:
     assert limiter.take("a") == 1
     now[0] += 10.0  # refills up to the burst, no further
     assert [limiter.take("a") for _ in range(4)] == [None, None, None, 1]
+
+
+@pytest.mark.parametrize("listen", ["localhost", "127.0.0.1:99999", "a b:80"])
+def test_a_bad_listen_address_is_a_config_error_naming_it(tmp_path: Path, listen: str) -> None:
+    config = api_config(tmp_path, api={"listen": listen})
+    result = batchbox(config, "api")
+    assert result.returncode == 2
+    assert "api.listen" in result.stderr

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from runner.engine import ModelSpec
 from runner.lines import Limits
@@ -70,15 +77,16 @@ class ApiConfig(Strict):
     requests_per_second: Annotated[float, Field(gt=0)] = 10.0  # per key, sustained
     burst: Annotated[int, Field(ge=1)] = 100  # per key, at once
     header_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
-    body_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0  # a body read that stalls
+    body_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0  # a body, sent or taken, stalls
     keep_alive_seconds: Annotated[int, Field(ge=1)] = 5
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1 << 20  # bodies other than uploads
 
-    @model_validator(mode="after")
-    def _port_in_range(self) -> ApiConfig:
-        if self.address[1] > 65535:
-            raise ValueError(f"listen: port {self.address[1]} is over 65535")
-        return self
+    @field_validator("listen")
+    @classmethod
+    def _port_in_range(cls, listen: str) -> str:
+        if int(listen.rpartition(":")[2]) > 65535:
+            raise ValueError(f"the port of {listen!r} is over 65535")
+        return listen
 
     @property
     def address(self) -> tuple[str, int]:

@@ -7,7 +7,8 @@ the file.
 The client streams a multipart body of `--mib` MiB of JSONL from memory (one repeated
 block, so the client neither reads a disk nor holds the file). `dd` writes as many bytes
 from /dev/zero with `conv=fsync`, as the upload is fsynced before it counts. Peak memory is
-the API process's VmHWM after a 1 MiB upload and after the large one.
+the API process's VmHWM after a 1 MiB upload and after the large one; its CPU time shows
+what the upload costs the API itself, apart from the client on the same machine.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -93,7 +95,9 @@ def main() -> int:
         upload(site, MIB)
         small_peak = site.peak_rss_bytes()
         dd_seconds = dd(site.root / "state", size)
+        cpu_before = sum(psutil.Process(site.pid).cpu_times()[:2])
         upload_seconds = upload(site, size)
+        api_cpu = sum(psutil.Process(site.pid).cpu_times()[:2]) - cpu_before
         large_peak = site.peak_rss_bytes()
         dd_again = dd(site.root / "state", size)
     baseline = min(dd_seconds, dd_again)
@@ -106,6 +110,10 @@ def main() -> int:
         f"{size / MIB / baseline:.0f} MiB/s"
     )
     print(f"upload time / dd time: {upload_seconds / baseline:.2f}")
+    print(
+        f"CPU time of the API process for the upload: {api_cpu:.1f} s "
+        f"({size / MIB / api_cpu:.0f} MiB per CPU second; the client shares the machine)"
+    )
     print(
         f"API peak memory: {small_peak / MIB:.1f} MiB after a 1 MiB upload, "
         f"{large_peak / MIB:.1f} MiB after {arguments.mib} MiB "

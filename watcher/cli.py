@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("estimate", "show_estimate"),
     "check": ("check", "check"),
     "bench": ("bench", "bench_model"),
+    "api": ("api", "serve_api"),
+    "key": ("keys", "manage_keys"),
 }
 
 
@@ -51,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("check", help="validate the config and the machine")
     bench = add("bench", help="run a short calibration batch for a model")
     bench.add_argument("model")
+    add("api", help="serve the OpenAI-compatible API and the status page")
+    key = add("key", help="API keys: add NAME, list, remove NAME")
+    key_actions = key.add_subparsers(dest="action", required=True, parser_class=Parser)
+    add_action = functools.partial(key_actions.add_parser, parents=[config_after])
+    add_action("add", help="make a key and print it once").add_argument("name")
+    add_action("list", help="the keys, without the keys themselves")
+    add_action("remove", help="remove a key").add_argument("name")
     return parser
 
 

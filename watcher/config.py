@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from runner.lines import Limits
 from runner.types import CHAT, COMPLETIONS, EMBEDDINGS, ModelSpec
@@ -60,6 +67,32 @@ class LimitsConfig(Strict):
     max_n: Annotated[int, Field(ge=1)] = 16
 
 
+class ApiConfig(Strict):
+    """`batchbox api`: where it listens, and what one client may ask of it."""
+
+    listen: Annotated[str, Field(pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")] = (
+        "127.0.0.1:8080"
+    )
+    requests_per_second: Annotated[float, Field(gt=0)] = 10.0  # per key, sustained
+    burst: Annotated[int, Field(ge=1)] = 100  # per key, at once
+    header_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    body_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0  # a body, sent or taken, stalls
+    keep_alive_seconds: Annotated[int, Field(ge=1)] = 5
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1 << 20  # bodies other than uploads
+
+    @field_validator("listen")
+    @classmethod
+    def _port_in_range(cls, listen: str) -> str:
+        if int(listen.rpartition(":")[2]) > 65535:
+            raise ValueError(f"the port of {listen!r} is over 65535")
+        return listen
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
 class Config(Strict):
     inbox: str = "inbox"
     outbox: str = "outbox"
@@ -75,6 +108,7 @@ class Config(Strict):
     min_free_bytes: Annotated[int, Field(ge=0)] = 1 << 30
     max_in_flight: Annotated[int, Field(ge=1)] = 256
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
     models: Annotated[dict[Alias, ModelConfig], Field(min_length=1)]
 
     # Set by load_config: the folder that holds config.yaml, which paths are relative to.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib.metadata
 import importlib.util
 import os
@@ -49,12 +51,40 @@ def one_filesystem_problem(config: Config) -> str | None:
         folder = config.folder(name)
         folder.mkdir(parents=True, exist_ok=True)
         devices[name] = os.stat(folder).st_dev
+    where = ", ".join(f"{name}={config.folder(name)}" for name in FOLDERS)
     if len(set(devices.values())) != 1:
-        where = ", ".join(f"{name}={config.folder(name)}" for name in FOLDERS)
         return (
             "inbox, outbox and state must be on one filesystem so that every move is an "
             f"atomic rename ({where})"
         )
+    return rename_problem(config, where)
+
+
+def rename_problem(config: Config, where: str) -> str | None:
+    """Whether a file really renames from state to inbox to outbox: one filesystem mounted
+    at two places (bind mounts, and each ReadWritePaths= of a systemd unit) refuses it."""
+    probe = f".batchbox-rename-probe-{os.getpid()}"
+    places = [config.folder(name) / probe for name in ("state", "inbox", "outbox")]
+    try:
+        os.close(os.open(places[0], os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
+    except OSError:
+        return None  # not writable here (`batchbox check` as another user): nothing to learn
+    current = places[0]
+    try:
+        for target in places[1:]:
+            os.rename(current, target)
+            current = target
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            return None
+        return (
+            "inbox, outbox and state are on one filesystem but not one mount, so a file "
+            f"cannot be renamed between them ({where}); make them one mount (under systemd, "
+            "one ReadWritePaths= that holds all three)"
+        )
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(current)
     return None
 
 

@@ -6,7 +6,7 @@ crash while appending costs at most that one record.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ def build_record(
     finished_at: str,
     metadata: dict[str, Any] | None = None,
     completion_samples: list[list] | None = None,
+    runs: int = 1,
 ) -> dict[str, Any]:
     """Everything SPEC section 6 names, in one flat-enough dict."""
     total_tokens = prompt_tokens + completion_tokens
@@ -62,6 +63,9 @@ def build_record(
         "requested_max_tokens": requested_max_tokens,
         "load_seconds": round(load_seconds, 3),
         "run_seconds": round(run_seconds, 3),
+        # how many runs the job took: more than one after a stop, a crash or a full disk,
+        # with run_seconds their sum
+        "runs": runs,
         "throughput": {
             "requests_per_second": _rate(requests, run_seconds),
             "prompt_tokens_per_second": _rate(prompt_tokens, run_seconds),
@@ -78,6 +82,40 @@ def build_record(
         # [max_tokens, tokens, stopped by itself] for a sample of the answers
         "completion_samples": completion_samples or [],
     }
+
+
+def pace_record(
+    *, model: str, source: str, engine: dict[str, Any], pace: dict[str, Any], finished_at: str
+) -> dict[str, Any]:
+    """The pace an engine measured at its load (runner.pace), for the estimator until the
+    model has jobs of its own here. It is no job: it has no requests, tokens or run time."""
+    return {
+        "job_id": f"pace_{model}_{finished_at}",
+        "kind": "pace",
+        "finished_at": finished_at,
+        "model": model,
+        "source": source,
+        "hardware": engine.get("hardware"),
+        "engine_version": engine.get("engine_version"),
+        "engine_settings": engine.get("settings", {}),
+        "pace": pace,
+    }
+
+
+def knows_pace(history: Iterable[dict[str, Any]], model: str) -> bool:
+    """Whether the history tells the model's pace here: a pace, or a job (or calibration)
+    that ran something."""
+    return any(
+        record.get("model") == model
+        and (
+            record.get("kind") == "pace"
+            or (
+                record.get("run_seconds", 0) > 0
+                and (record.get("request_counts") or {}).get("completed", 0) > 0
+            )
+        )
+        for record in history
+    )
 
 
 def append_history(state: Path, record: dict[str, Any]) -> None:

@@ -4,11 +4,13 @@ replaced on a switch, and unloaded when idle so the GPU is free for other work."
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import structlog
 
 from runner.client import EngineClient, EngineProcess, LocalClient
 from runner.engine import ModelSpec, load_engine
+from runner.pace import with_pace
 
 log = structlog.get_logger()
 
@@ -21,6 +23,9 @@ class EnginePool:
         self.client: EngineClient | None = None
         self.last_used = time.monotonic()
         self.loads = 0
+        # Whether a model's engine should time its pace at load (runner.pace): set by the
+        # owner of the benchmark history, for models it has nothing on.
+        self.wants_pace: Callable[[ModelSpec], bool] = lambda spec: False
 
     def client_for(self, spec: ModelSpec) -> tuple[EngineClient, float]:
         self.last_used = time.monotonic()
@@ -29,10 +34,12 @@ class EnginePool:
         self.close()
         started = time.monotonic()
         log.info("engine_loading", model=spec.alias, source=spec.source)
+        pace = self.wants_pace(spec)
         if self.in_process:
-            self.client = LocalClient(load_engine(spec))
+            engine = load_engine(spec)
+            self.client = LocalClient(with_pace(engine) if pace else engine)
         else:
-            self.client = EngineProcess(spec)
+            self.client = EngineProcess(spec, pace=pace)
         self.spec = spec
         self.loads += 1
         seconds = time.monotonic() - started

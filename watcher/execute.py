@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import structlog
 
 from benchmarks.estimator import Estimate, JobShape, estimate_run
-from benchmarks.record import append_history, build_record, read_history
+from benchmarks.record import append_history, build_record, pace_record, read_history
 from runner.client import EngineClient, EngineDied
 from runner.durable import (
     copy_tree_durably,
@@ -31,7 +31,7 @@ from runner.engine import EngineLoadError, ModelSpec
 from runner.journal import CrashBook, Journal, Tally
 from runner.lines import FileRejected
 from runner.run import Progress, RunOptions, fail_remaining, run_lines, scan_file
-from runner.types import CodedError
+from runner.types import CodedError, EngineInfo
 from watcher.cli import CommandFailed
 from watcher.config import Config
 from watcher.jobs import (
@@ -158,6 +158,8 @@ class RunHooks:
     """How the caller learns of progress and asks a run to end early."""
 
     on_progress: Callable[[Job, Progress], None] = lambda job, progress: None
+    # the engine measured its pace at load; the job was estimated again from it
+    on_pace: Callable[[Job], None] = lambda job: None
     cancel_requested: Callable[[], bool] = lambda: False
     stop_requested: Callable[[], bool] = lambda: False
 
@@ -168,6 +170,24 @@ class RunTimes:
     run_seconds: float = 0.0
     engine: dict[str, Any] = field(default_factory=dict)
     samples: list[list] = field(default_factory=list)
+
+
+def take_pace(job: Job, config: Config, info: EngineInfo) -> None:
+    """Record the pace the engine measured at its load, and estimate the job again from it:
+    its first estimate had nothing measured to go by."""
+    spec = config.model_spec(job.model or "")
+    state = config.folder("state")
+    engine = {"hardware": info.hardware, "engine_version": info.engine_version}
+    record = pace_record(
+        model=spec.alias,
+        source=spec.source,
+        engine=engine | {"settings": {**info.settings, "max_in_flight": config.max_in_flight}},
+        pace=info.pace or {},
+        finished_at=iso(now()) or "",
+    )
+    append_history(state, record)
+    job.estimate = estimate_job(job, state).as_dict()
+    log.info("engine_pace", model=spec.alias, seconds=(info.pace or {}).get("seconds"))
 
 
 def take_tally(job: Job, tally: Tally) -> None:
@@ -212,10 +232,13 @@ def run_engine(
         max_in_flight=config.max_in_flight,
     )
     crashes = CrashBook.load(job.work / CRASHES)
-    started = time.monotonic()
+    started = run_started = time.monotonic()
+    earlier_seconds = job.run_seconds  # of the runs before a stop or a crash
+    job.runs += 1
 
     def progress(update: Progress) -> None:
         _apply_progress(job, update, started)
+        job.run_seconds = earlier_seconds + times.run_seconds + time.monotonic() - run_started
         hooks.on_progress(job, update)
 
     def should_end() -> bool:
@@ -224,6 +247,9 @@ def run_engine(
     for attempt in range(ENGINE_RESTARTS + 1):
         client, load_seconds = _engine_for(engines, spec)
         times.load_seconds += load_seconds
+        if load_seconds and client.info.pace:
+            take_pace(job, config, client.info)
+            hooks.on_pace(job)
         times.engine = {
             "hardware": client.info.hardware,
             "engine_version": client.info.engine_version,
@@ -252,6 +278,7 @@ def run_engine(
             raise JobError(error.code, f"the input changed while it ran: {error.message}") from None
         finally:
             times.run_seconds += time.monotonic() - run_started
+            job.run_seconds = earlier_seconds + times.run_seconds
             journal.close()
     else:
         raise JobError(
@@ -377,7 +404,8 @@ def benchmark_record(job: Job, config: Config, final: JobStatus, times: RunTimes
         prompt_chars=job.prompt_chars,
         requested_max_tokens=max(requested) if requested else None,
         load_seconds=times.load_seconds,
-        run_seconds=times.run_seconds,
+        run_seconds=max(job.run_seconds, times.run_seconds),
+        runs=job.runs,
         estimate=job.estimate,
         finished_at=iso(now()) or "",
         metadata=job.metadata,

@@ -25,7 +25,7 @@ import orjson
 import structlog
 
 from benchmarks.estimator import Refined, load_seconds_for, refine
-from benchmarks.record import read_history
+from benchmarks.record import knows_pace, read_history
 from runner.durable import (
     is_disk_trouble,
     is_out_of_space,
@@ -51,6 +51,7 @@ from watcher.execute import (
     execute_job,
     finish_job,
 )
+from watcher.forecast import eta_basis as queue_basis
 from watcher.inbox import Candidate, classify, scan_inbox, start_observer
 from watcher.jobqueue import JobQueue, Planned, plan_queue
 from watcher.jobs import (
@@ -112,6 +113,7 @@ class Running:
     last_status: float = 0.0
     outcome: Path | None = None
     latest: Progress | None = None
+    counted: bool = False  # whether the engine's token counters have moved in this run
     # tokens of requests finished before a restart, which this run's engine did not count
     earlier_tokens: tuple[int, int] | None = None
     trouble: OSError | None = None  # the disk error that stopped it, to resume later
@@ -124,6 +126,10 @@ class Service:
         self.outbox = config.folder("outbox")
         self.state = config.folder("state")
         self.pool = pool or EnginePool()
+        # A model the history knows nothing of has its engine's pace timed at its load;
+        # then every job waiting for it is estimated again.
+        self.pool.wants_pace = lambda spec: not knows_pace(read_history(self.state), spec.alias)
+        self.pace_measured = threading.Event()
         self.events: queue.Queue[Candidate] = queue.Queue()
         self.settler = Settler(config.settle_seconds)
         self.queue = JobQueue()
@@ -232,6 +238,8 @@ class Service:
             self.readopt_jobs()
         if self.running is None and not self.stopping.is_set() and self.disk_ready():
             self.start_next()
+        if self.pace_measured.is_set():
+            self.estimate_queue_again()
         if self.queue_update_due():
             self.update_queue()
         if self.running is None and len(self.queue) == 0:
@@ -504,6 +512,7 @@ class Service:
             running.load_seconds = load_seconds_for(job.model or "", read_history(self.state))
         hooks = RunHooks(
             on_progress=lambda job, progress: self.progress(running, progress),
+            on_pace=lambda job: self.pace_measured.set(),
             cancel_requested=running.cancel.is_set,
             stop_requested=self.stopping.is_set,
         )
@@ -554,7 +563,11 @@ class Service:
             )
         running.latest = progress
         running.done = (job.completed + job.failed) / job.total if job.total else 1.0
-        if time.monotonic() - running.last_status >= STATUS_SECONDS:
+        # The first counters come after the engine's first step, which on a CPU prefills
+        # thousands of prompt tokens: seconds. The refined ETA is written at once then.
+        first_counters = not running.counted and counters_moved(progress)
+        running.counted = running.counted or first_counters
+        if first_counters or time.monotonic() - running.last_status >= STATUS_SECONDS:
             running.last_status = time.monotonic()
             self.write_running_eta(running)
             write_status(job)
@@ -564,6 +577,8 @@ class Service:
         progress = running.latest
         if running.run_started is None or progress is None or running.job.estimate is None:
             return None
+        if not counters_moved(progress):
+            return None  # nothing measured yet: the estimate before the run stands
         earlier_prompt, earlier_completion = running.earlier_tokens or (0, 0)
         return refine(
             running.job.estimate,
@@ -589,6 +604,8 @@ class Service:
         refined = self.refined(running)
         basis = (running.job.estimate or {}).get("basis", "no estimate")
         basis += f"; running, {round(100 * running.done)}% of requests done"
+        if refined is None and running.run_started is not None:
+            basis += "; no engine counters yet, the estimate before the run less the time run"
         if refined is not None:
             basis += ", refined from the tokens processed so far"
             if refined.overrun:
@@ -655,6 +672,14 @@ class Service:
             self.running_left(running) if running else None,
         )
         return [(position, job, plans[job.id]) for position, job in enumerate(jobs, start=1)]
+
+    def estimate_queue_again(self) -> None:
+        """Estimate the queued jobs again from what the history has learnt meanwhile (the
+        pace of an engine just loaded); the next queue update shows the new ETAs."""
+        self.pace_measured.clear()
+        for job in self.queue:
+            job.estimate = estimate_job(job, self.state).as_dict()
+        self.queue_changed = True
 
     def queue_update_due(self) -> bool:
         if self.queue_pass_unfinished:
@@ -786,6 +811,10 @@ class Service:
         self.queue.push(job)
 
 
+def counters_moved(progress: Progress) -> bool:
+    return progress.engine_prompt_tokens + progress.engine_completion_tokens > 0
+
+
 def unclaimable(path: Path) -> str | None:
     """Why a complete file cannot become a job, or None. Its name goes into status files,
     which are UTF-8 JSON."""
@@ -811,15 +840,6 @@ def revalidate(job: Job, config: Config) -> None:
         job.priority, job.metadata, job.defaults = ticket.priority, ticket.metadata, ticket.defaults
         ticket_model = ticket.model
     check_job(job, config, ticket_model)
-
-
-def queue_basis(job: Job, plan) -> str:
-    basis = (job.estimate or {}).get("basis", "no estimate")
-    parts = [basis]
-    parts.append(f"{plan.ahead} job{'s' if plan.ahead != 1 else ''} ahead in the queue")
-    if plan.load:
-        parts.append(f"includes loading {job.model}")
-    return "; ".join(parts)
 
 
 def is_expired(path: Path, cutoff: datetime) -> bool:

@@ -63,6 +63,7 @@ COLD_COMPLETION_TOKENS = 256
 COLD_LOAD_SECONDS = 60.0
 SIMULATED = 2048  # requests replayed at most; a larger job is replayed at scale
 PRIOR_SHARE = 0.25  # the model's pace counts as much as the job's own until this much is done
+LENGTH_QUANTILES = 64  # predicted answer lengths an estimate keeps for refine
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ class Estimate:
     steps: float = 0.0
     # the replayed job's [share of its completion tokens, share of its steps], by tenths
     progress: list[list[float]] = field(default_factory=list)
+    # the predicted answer lengths, evenly spread quantiles (refine weighs the answers still
+    # running against them)
+    lengths: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -101,6 +105,7 @@ class Estimate:
             "coefficients": list(self.coefficients),
             "concurrency": self.concurrency,
             "progress": [[round(a, 3), round(b, 3)] for a, b in self.progress],
+            "lengths": [round(length, 1) for length in self.lengths],
         }
 
 
@@ -478,6 +483,7 @@ def estimate_run(shape: JobShape, history: Iterable[dict[str, Any]]) -> Estimate
     caps = _caps(shape, cold=not sampled)
     curves = length_curves(records, shape, caps)
     requests = max(shape.requests, 1)
+    lengths: list[float] = []
     if shape.endpoint == EMBEDDINGS:
         completion, progress = 0.0, []
         concurrency = concurrency_of(requests, records[-1] if records else None, prompt / requests)
@@ -487,11 +493,30 @@ def estimate_run(shape: JobShape, history: Iterable[dict[str, Any]]) -> Estimate
         concurrency = concurrency_of(
             requests, records[-1] if records else None, (prompt + completion) / requests
         )
-        steps, progress = replay(planned_lengths(curves, caps), concurrency, requests)
+        planned = planned_lengths(curves, caps)
+        steps, progress = replay(planned, concurrency, requests)
+        lengths = quantiles(planned, LENGTH_QUANTILES)
     seconds = model_seconds(coefficients, (completion, steps, prompt))
     return Estimate(
-        seconds, basis, len(records), prompt, completion, coefficients, concurrency, steps, progress
+        seconds,
+        basis,
+        len(records),
+        prompt,
+        completion,
+        coefficients,
+        concurrency,
+        steps,
+        progress,
+        lengths,
     )
+
+
+def quantiles(values: Iterable[float], count: int) -> list[float]:
+    ordered = sorted(values)
+    if not ordered:
+        return []
+    kept = min(count, len(ordered))
+    return [ordered[int((i + 0.5) * len(ordered) / kept)] for i in range(kept)]
 
 
 # -- while a job runs ---------------------------------------------------------------------
@@ -534,17 +559,88 @@ def refine(
 ) -> Refined:
     """The time left, from the work the engine has actually done so far.
 
-    The engine's token counters include requests still in flight, so the pace is not biased
-    towards the short requests that finish first. Work is the time model's: the tokens done,
-    and the steps that made them, read off the replayed job's progress (so the tail, where
-    the batch empties and each step makes few tokens, is in what is left); what is left is
-    the predicted work less that, at the pace measured so far. When the job has already
-    generated more than predicted, the requests left are expected to run as long as the
-    ones so far (those in flight counted half done).
+    The engine's token counters include requests still in flight. With the tokens of the
+    finished requests and how many are in flight, the answers still running are weighed
+    against the predicted lengths: each has run `age` tokens (their tokens over their
+    number), so it is one of the predicted answers longer than that, and what it has left
+    is what those have left. A job whose answers run longer than predicted thus sees more
+    left as soon as fewer of them end than predicted, not only once its predicted tokens
+    are spent. The requests not started yet run as predicted. The steps left come from
+    replaying that rest through the batch; the pace, seconds per unit of the time model's
+    work, from the work done so far, leaning on the model's own (1) until a quarter of the
+    job's work is done. Without the two counts (older callers), the work left is the
+    predicted work less that done (refine_by_share).
     """
     requests_left = max(requests_total - requests_done, 0)
     if requests_left == 0:
         return Refined(0.0, False)
+    lengths = [float(length) for length in estimate.get("lengths") or []]
+    if finished_completion is None or in_flight is None or not lengths:
+        return refine_by_share(
+            estimate, elapsed, prompt_done, completion_done, requests_done, requests_total
+        )
+    coefficients = estimate.get("coefficients") or COLD
+    batch = max(int(estimate.get("concurrency") or DEFAULT_CONCURRENCY), 1)
+    running = min(max(in_flight, 0), requests_left, batch)  # the rest of those wait
+    waiting = requests_left - running
+    age = max(completion_done - finished_completion, 0.0) / running if running else 0.0
+    longer = [length - age for length in lengths if length > age]
+    overrun = running > 0 and not longer
+    # Past every predicted length, an answer still running is taken to be half done.
+    residuals = longer or [max(age, 1.0)]
+    scale = min(1.0, SIMULATED / max(requests_left, 1))
+    running_lengths = spread(residuals, max(round(running * scale), 1 if running else 0))
+    waiting_lengths = spread(lengths, round(waiting * scale))
+    tokens_left = running * statistics.fmean(residuals) + waiting * statistics.fmean(lengths)
+    steps_left = steps_to_finish(running_lengths, waiting_lengths, max(round(batch * scale), 1))
+    # Every request in flight has run since about when the oldest started; with more
+    # requests than the batch holds, the batch ran full.
+    done_steps = max(age, completion_done / min(batch, max(requests_total, 1)))
+    prompt_left = max(float(estimate.get("prompt_tokens", 0)) - prompt_done, 0.0)
+    left = (tokens_left, min(steps_left, tokens_left), prompt_left)
+    done = model_seconds(coefficients, (completion_done, done_steps, prompt_done))
+    return Refined(max(paced(coefficients, elapsed, done, left), 1.0), overrun)
+
+
+def paced(coefficients: Sequence[float], elapsed: float, done: float, left: Sequence[float]):
+    """The model's seconds for the work left, at the pace measured so far: seconds per unit
+    of work done, leaning on the model's own pace (1) while little of the job is done."""
+    rest = model_seconds(coefficients, left)
+    prior = max(PRIOR_SHARE * (done + rest), 0.1)
+    return rest * (max(elapsed, 0.0) + prior) / (done + prior)
+
+
+def spread(values: list[float], count: int) -> list[float]:
+    """`count` evenly spread quantiles of the values."""
+    ordered = sorted(values)
+    if count <= 0 or not ordered:
+        return []
+    return [ordered[int((i + 0.5) * len(ordered) / count)] for i in range(count)]
+
+
+def steps_to_finish(running: list[float], waiting: list[float], slots: int) -> float:
+    """Steps until the batch is done: the running answers hold their slots for what they
+    have left, the waiting ones (in a fixed shuffled order) take the first slot free."""
+    free_at = sorted(running) + [0.0] * max(slots - len(running), 0)
+    heapq.heapify(free_at)
+    order = list(waiting)
+    random.Random(0).shuffle(order)
+    for length in order:
+        heapq.heappush(free_at, heapq.heappop(free_at) + length)
+    return max(free_at, default=0.0)
+
+
+def refine_by_share(
+    estimate: dict[str, Any],
+    elapsed: float,
+    prompt_done: float,
+    completion_done: float,
+    requests_done: int,
+    requests_total: int,
+) -> Refined:
+    """The time left as the predicted work less the work done, read off the replayed job's
+    progress; past the predicted tokens, the requests left run as long as those so far."""
+    requests_left = max(requests_total - requests_done, 0)
     coefficients = estimate.get("coefficients") or COLD
     batch = max(float(estimate.get("concurrency") or DEFAULT_CONCURRENCY), 1.0)
     completion = float(estimate.get("completion_tokens", 0))
@@ -558,17 +654,13 @@ def refine(
         completion = completion_done + per_request * (requests_left - in_flight / 2)
         steps = done_steps + per_request * max(requests_left / batch, 1.0)
     done = model_seconds(coefficients, (completion_done, done_steps, prompt_done))
-    total = model_seconds(coefficients, (completion, steps, prompt))
-    # The pace measured so far, leaning on the model's own (1) while little work is done.
-    prior = max(PRIOR_SHARE * total, 0.1)
-    pace = (max(elapsed, 0.0) + prior) / (done + prior)
     left = (
         max(completion - completion_done, 0.0),
         min(max(steps - done_steps, 0.0), max(completion - completion_done, 0.0)),
         max(prompt - prompt_done, 0.0),
     )
     # Requests are left, so the end is never now or in the past.
-    return Refined(max(pace * model_seconds(coefficients, left), 1.0), overrun)
+    return Refined(max(paced(coefficients, elapsed, done, left), 1.0), overrun)
 
 
 def load_seconds_for(model: str, history: Iterable[dict[str, Any]]) -> float:

@@ -56,8 +56,9 @@ def _requests(
     ]
 
 
-def _run(engine: Engine, requests: list[EngineRequest], steps: list, deadline: float) -> None:
+def _run(engine: Engine, requests: list[EngineRequest], found: list, deadline: float) -> None:
     """Add the requests and step until they are done or the time is up, timing each step."""
+    steps: list[list[float]] = []
     for request in requests:
         try:
             engine.add(request)
@@ -65,15 +66,17 @@ def _run(engine: Engine, requests: list[EngineRequest], steps: list, deadline: f
             continue  # a model with a tiny context: the probe makes do with the rest
     before = engine.counters()
     while engine.has_unfinished():
-        if time.monotonic() >= deadline:
+        # One step at least, however late: each phase tells something the others do not.
+        if steps and time.monotonic() >= deadline:
             engine.abort([request.key for request in requests])
-            return
+            break
         started = time.perf_counter()
         engine.step()
         seconds = time.perf_counter() - started
         after = engine.counters()  # outside the timed part: reading it costs a few ms
         steps.append([after[0] - before[0], after[1] - before[1], round(seconds, 6)])
         before = after
+    found += steps
 
 
 def measure_pace(engine: Engine, budget_seconds: float = BUDGET_SECONDS) -> dict[str, Any]:

@@ -93,6 +93,7 @@ class Estimate:
     # the predicted answer lengths, evenly spread quantiles (refine weighs the answers still
     # running against them)
     lengths: list[float] = field(default_factory=list)
+    longest: int = 0  # the largest max_tokens of the job's requests
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +107,7 @@ class Estimate:
             "concurrency": self.concurrency,
             "progress": [[round(a, 3), round(b, 3)] for a, b in self.progress],
             "lengths": [round(length, 1) for length in self.lengths],
+            "longest": self.longest,
         }
 
 
@@ -508,6 +510,7 @@ def estimate_run(shape: JobShape, history: Iterable[dict[str, Any]]) -> Estimate
         steps,
         progress,
         lengths,
+        max((cap or shape.max_model_len for cap in shape.max_tokens), default=0),
     )
 
 
@@ -586,8 +589,10 @@ def refine(
     age = max(completion_done - finished_completion, 0.0) / running if running else 0.0
     longer = [length - age for length in lengths if length > age]
     overrun = running > 0 and not longer
-    # Past every predicted length, an answer still running is taken to be half done.
-    residuals = longer or [max(age, 1.0)]
+    # Past every predicted length, an answer still running is taken to be half done, and
+    # to end at its max_tokens at the latest.
+    longest = float(estimate.get("longest") or 2 * age)
+    residuals = longer or [max(min(age, longest - age), 1.0)]
     scale = min(1.0, SIMULATED / max(requests_left, 1))
     running_lengths = spread(residuals, max(round(running * scale), 1 if running else 0))
     waiting_lengths = spread(lengths, round(waiting * scale))

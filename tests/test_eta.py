@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 from servicekit import (
     chat_file,
     drop,
@@ -33,6 +35,7 @@ from benchmarks.estimator import (
     expected_length,
     model_seconds,
     pace_coefficients,
+    refine,
     survival_curve,
 )
 from benchmarks.record import append_history, read_history
@@ -181,8 +184,10 @@ def test_a_model_new_here_has_its_pace_timed_and_the_waiting_jobs_estimated_agai
         drop(inbox, "first.jsonl", chat_file(40))
         drop(inbox, "second.jsonl", chat_file(40))
         harness.run_until(
-            lambda: finished(inbox / "first.status", outbox)
-            and finished(inbox / "second.status", outbox),
+            lambda: (
+                finished(inbox / "first.status", outbox)
+                and finished(inbox / "second.status", outbox)
+            ),
             30,
         )
         history = list(read_history(harness.config.folder("state")))
@@ -376,3 +381,72 @@ def test_estimate_adds_no_load_for_an_engine_the_service_still_holds(
     code, out, err = batchbox("estimate", str(path), "-m", "other")
     assert code == 0, err
     assert "model load: about" in out and "includes loading other" in out
+
+
+def test_status_lists_the_jobs_run_not_the_paces_engines_timed(tmp_path: Path, batchbox) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    append_history(state, pace_of(pace_steps()) | {"finished_at": iso(now())})
+    code, out, err = batchbox("status")
+    assert code == 0, err
+    assert "recent:\n" in out and out.rstrip().endswith("recent:")
+
+
+# -- while a job runs: answers longer than predicted ------------------------------------------
+
+
+def test_answers_running_longer_than_predicted_are_weighed_against_the_longer_predictions() -> None:
+    # Earlier answers: 60 % stopped at 50 tokens, 40 % ran to the cap of 192. This job's
+    # answers run longer: a third stop at 50, two thirds run to 192. At step 170 its
+    # tokens are past the prediction, 16 requests are done and 32 run, 22 tokens from
+    # their end.
+    samples = [[192, 50, True]] * 60 + [[192, 192, False]] * 40
+    history = [length_record(1, 192, samples) | {"run_seconds": 2000.0}]  # a slow machine
+    estimate = estimate_run(JobShape(MODEL, CHAT, 48, 48 * 200, {192: 48}), history).as_dict()
+    coefficients = estimate["coefficients"]
+    finished, age = 16 * 50, 170
+    done = finished + 32 * age
+    assert done > estimate["completion_tokens"]
+    prompt = estimate["prompt_tokens"]
+    elapsed = model_seconds(coefficients, (done, age, prompt))  # at the model's own pace
+    truth = model_seconds(coefficients, (32 * (192 - age), 192 - age, 0))
+    assert truth > 10
+
+    left = refine(
+        estimate, elapsed, prompt, done, 16, 48, finished_completion=finished, in_flight=32
+    )
+    assert left.seconds_left == pytest.approx(truth, rel=0.1)
+    assert not left.overrun  # some predicted answers are longer than 170: no guessing
+    # Counting only tokens, the job looks overrun and its 32 answers half done: 195
+    # tokens each, with 16 more to come, four times the truth.
+    by_share = refine(estimate, elapsed, prompt, done, 16, 48)
+    assert by_share.overrun and by_share.seconds_left > 3 * truth
+
+
+@given(
+    elapsed=st.floats(0, 1e6),
+    completion_done=st.floats(0, 1e7),
+    finished=st.floats(0, 1e7),
+    requests_done=st.integers(0, 10000),
+    requests_left=st.integers(1, 10000),
+    in_flight=st.integers(0, 10000),
+)
+def test_with_requests_left_the_refined_end_is_never_now_or_past(
+    elapsed, completion_done, finished, requests_done, requests_left, in_flight
+) -> None:
+    samples = [[192, 50, True]] * 60 + [[192, 192, False]] * 40
+    estimate = estimate_run(
+        JobShape(MODEL, CHAT, 300, 300 * 200, {192: 300}), [length_record(1, 192, samples)]
+    ).as_dict()
+    total = requests_done + requests_left
+    left = refine(
+        estimate,
+        elapsed,
+        100.0,
+        completion_done,
+        requests_done,
+        total,
+        finished_completion=finished,
+        in_flight=in_flight,
+    )
+    assert 1.0 <= left.seconds_left < float("inf")

@@ -587,6 +587,8 @@ class Service:
             earlier_completion + progress.engine_completion_tokens,
             running.job.completed + running.job.failed,
             running.job.total,
+            finished_completion=progress.tally.completion_tokens,
+            in_flight=progress.in_flight,
         )
 
     def running_left(self, running: Running) -> float:

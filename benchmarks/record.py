@@ -6,7 +6,7 @@ crash while appending costs at most that one record.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import orjson
 from runner.durable import append_line_durably
 
 HISTORY = "benchmarks.jsonl"
+PACES = "paces.jsonl"  # what engines timed at their load: no jobs, so kept apart
 
 
 def _rate(amount: float, seconds: float) -> float:
@@ -102,19 +103,16 @@ def pace_record(
     }
 
 
-def knows_pace(history: Iterable[dict[str, Any]], model: str) -> bool:
-    """Whether the history tells the model's pace here: a pace, or a job (or calibration)
-    that ran something."""
+def knows_pace(state: Path, model: str) -> bool:
+    """Whether the state tells the model's pace here: a pace its engine timed, or a job (or
+    calibration) of it that ran something."""
+    if any(record.get("model") == model for record in read_paces(state)):
+        return True
     return any(
         record.get("model") == model
-        and (
-            record.get("kind") == "pace"
-            or (
-                record.get("run_seconds", 0) > 0
-                and (record.get("request_counts") or {}).get("completed", 0) > 0
-            )
-        )
-        for record in history
+        and record.get("run_seconds", 0) > 0
+        and (record.get("request_counts") or {}).get("completed", 0) > 0
+        for record in read_history(state)
     )
 
 
@@ -122,8 +120,16 @@ def append_history(state: Path, record: dict[str, Any]) -> None:
     append_line_durably(state / HISTORY, orjson.dumps(record))
 
 
-def read_history(state: Path) -> Iterator[dict[str, Any]]:
-    path = state / HISTORY
+def append_pace(state: Path, record: dict[str, Any]) -> None:
+    append_line_durably(state / PACES, orjson.dumps(record))
+
+
+def read_paces(state: Path) -> Iterator[dict[str, Any]]:
+    return read_history(state, PACES)
+
+
+def read_history(state: Path, name: str = HISTORY) -> Iterator[dict[str, Any]]:
+    path = state / name
     if not path.exists():
         return
     with open(path, "rb") as handle:

@@ -217,8 +217,7 @@ def status(args: argparse.Namespace, config: Config) -> int:
         (job for job in jobs if job.status is JobStatus.QUEUED),
         key=lambda job: (-job.priority, job.sequence),
     )
-    jobs_run = (record for record in read_history(config.folder("state")) if "status" in record)
-    recent = list(jobs_run)[-10:]  # jobs, not the paces engines timed at their load
+    recent = list(read_history(config.folder("state")))[-10:]
     report = {
         "running": running,
         "queued": [job.status_document() for job in queued],

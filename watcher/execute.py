@@ -17,7 +17,14 @@ from typing import Any, Protocol
 import structlog
 
 from benchmarks.estimator import Estimate, JobShape, estimate_run
-from benchmarks.record import append_history, build_record, pace_record, read_history
+from benchmarks.record import (
+    append_history,
+    append_pace,
+    build_record,
+    pace_record,
+    read_history,
+    read_paces,
+)
 from runner.client import EngineClient, EngineDied
 from runner.durable import (
     copy_tree_durably,
@@ -150,7 +157,7 @@ def job_shape(job: Job, hardware: str | None = None) -> JobShape:
 
 
 def estimate_job(job: Job, state: Path, hardware: str | None = None) -> Estimate:
-    return estimate_run(job_shape(job, hardware), read_history(state))
+    return estimate_run(job_shape(job, hardware), [*read_paces(state), *read_history(state)])
 
 
 @dataclass
@@ -185,7 +192,7 @@ def take_pace(job: Job, config: Config, info: EngineInfo) -> None:
         pace=info.pace or {},
         finished_at=iso(now()) or "",
     )
-    append_history(state, record)
+    append_pace(state, record)
     job.estimate = estimate_job(job, state).as_dict()
     log.info("engine_pace", model=spec.alias, seconds=(info.pace or {}).get("seconds"))
 

@@ -128,7 +128,7 @@ class Service:
         self.pool = pool or EnginePool()
         # A model the history knows nothing of has its engine's pace timed at its load;
         # then every job waiting for it is estimated again.
-        self.pool.wants_pace = lambda spec: not knows_pace(read_history(self.state), spec.alias)
+        self.pool.wants_pace = lambda spec: not knows_pace(self.state, spec.alias)
         self.pace_measured = threading.Event()
         self.events: queue.Queue[Candidate] = queue.Queue()
         self.settler = Settler(config.settle_seconds)

@@ -351,29 +351,36 @@ def model_seconds(coefficients: Sequence[float], features: Sequence[float]) -> f
     return sum(c * f for c, f in zip(coefficients, features))
 
 
-def nonnegative_fit(rows: list[tuple[float, ...]]) -> tuple[float, ...] | None:
-    """Non-negative least squares of sum(c * row) = 1, by trying every set of active terms."""
+def nonnegative_fit(
+    rows: list[tuple[float, ...]], targets: Sequence[float] | None = None
+) -> tuple[float, ...] | None:
+    """Non-negative least squares of sum(c * row) = target (1 unless given), by trying
+    every set of active terms."""
     width = len(rows[0]) if rows else 0
+    goals = list(targets) if targets is not None else [1.0] * len(rows)
     best, best_error = None, math.inf
     for size in range(1, width + 1):
         for active in itertools.combinations(range(width), size):
-            solution = _solve(rows, active)
+            solution = _solve(rows, goals, active)
             if solution is None or min(solution) < 0:
                 continue
             coefficients = [0.0] * width
             for index, value in zip(active, solution):
                 coefficients[index] = value
-            error = sum((model_seconds(coefficients, row) - 1.0) ** 2 for row in rows)
-            if error < best_error - 1e-12:
+            error = sum((model_seconds(coefficients, r) - g) ** 2 for r, g in zip(rows, goals))
+            if best is None or error < best_error * (1 - 1e-12) - 1e-15:
                 best, best_error = tuple(coefficients), error
     return best
 
 
-def _solve(rows: list[tuple[float, ...]], active: tuple[int, ...]) -> list[float] | None:
-    """Least squares of sum(c * row[active]) = 1 (normal equations; three columns at most)."""
+def _solve(
+    rows: list[tuple[float, ...]], goals: list[float], active: tuple[int, ...]
+) -> list[float] | None:
+    """Least squares of sum(c * row[active]) = goal (normal equations; three columns at
+    most)."""
     size = len(active)
     matrix = [[sum(r[i] * r[j] for r in rows) for j in active] for i in active]
-    vector = [sum(r[i] for r in rows) for i in active]
+    vector = [sum(r[i] * g for r, g in zip(rows, goals)) for i in active]
     scale = max((abs(value) for line in matrix for value in line), default=0.0)
     for column in range(size):  # Gauss-Jordan with partial pivoting
         pivot = max(range(column, size), key=lambda row: abs(matrix[row][column]))
@@ -418,13 +425,14 @@ def latest_pace(history: Iterable[dict[str, Any]], shape: JobShape) -> dict[str,
 
 
 def pace_coefficients(record: dict[str, Any] | None) -> tuple[float, float, float] | None:
-    """The time model fitted to the probe's timed steps: [prompt tokens, completion tokens,
-    seconds] each, on the relative error of each step's time."""
+    """The time model fitted to the probe's timed steps ([prompt tokens, completion tokens,
+    seconds] each) on their seconds, so that the long prefill steps weigh as much as the
+    time they take: a job's time is a sum of such steps."""
     steps = ((record or {}).get("pace") or {}).get("steps") or []
-    rows = [(c / s, 1.0 / s, p / s) for p, c, s in steps if s > 0]
-    if not rows:
+    timed = [(float(c), 1.0, float(p), float(s)) for p, c, s in steps if s > 0]
+    if not timed:
         return None
-    fitted = nonnegative_fit(rows)
+    fitted = nonnegative_fit([row[:3] for row in timed], [row[3] for row in timed])
     if fitted is None or not any(fitted):
         return None
     return fitted  # type: ignore[return-value]
@@ -465,7 +473,9 @@ def prompt_model(records: list[dict[str, Any]], endpoint: str | None) -> tuple[f
 def estimate_run(shape: JobShape, history: Iterable[dict[str, Any]]) -> Estimate:
     history = list(history)
     records = matching(history, shape)
-    pace = pace_coefficients(latest_pace(history, shape))
+    pace_record = latest_pace(history, shape)
+    pace = pace_coefficients(pace_record)
+    engine = records[-1] if records else pace_record  # the engine's batch and KV cache
     if records:
         coefficients = fit_coefficients(records, pace or COLD)
         plural = "s" if len(records) != 1 else ""
@@ -488,13 +498,11 @@ def estimate_run(shape: JobShape, history: Iterable[dict[str, Any]]) -> Estimate
     lengths: list[float] = []
     if shape.endpoint == EMBEDDINGS:
         completion, progress = 0.0, []
-        concurrency = concurrency_of(requests, records[-1] if records else None, prompt / requests)
+        concurrency = concurrency_of(requests, engine, prompt / requests)
         steps = requests / concurrency
     else:
         completion = sum(count * expected_length(curves[cap], cap) for cap, count in caps.items())
-        concurrency = concurrency_of(
-            requests, records[-1] if records else None, (prompt + completion) / requests
-        )
+        concurrency = concurrency_of(requests, engine, (prompt + completion) / requests)
         planned = planned_lengths(curves, caps)
         steps, progress = replay(planned, concurrency, requests)
         lengths = quantiles(planned, LENGTH_QUANTILES)

@@ -38,8 +38,8 @@ def _text(index: int, words: int) -> str:
 def _requests(
     runner: str, prefix: str, first: int, count: int, words: int, max_tokens: int | None
 ) -> list[EngineRequest]:
-    """`count` requests of about `words` words each; answers of `max_tokens`, or of 4, 6,
-    8... tokens when None."""
+    """`count` requests of about `words` words each; answers of `max_tokens`, or of 2, 3,
+    4... tokens when None."""
     if runner == "pooling":
         return [
             EngineRequest(f"{prefix}{i}", EMBEDDINGS, [_text(first + i, words)])
@@ -50,7 +50,7 @@ def _requests(
             f"{prefix}{i}",
             COMPLETIONS,
             _text(first + i, words),
-            {"max_tokens": max_tokens or 4 + 2 * i, "ignore_eos": True, "temperature": 0.0},
+            {"max_tokens": max_tokens or 2 + i, "ignore_eos": True, "temperature": 0.0},
         )
         for i in range(count)
     ]
@@ -85,10 +85,10 @@ def measure_pace(engine: Engine, budget_seconds: float = BUDGET_SECONDS) -> dict
     started = time.monotonic()
     runner = engine.info.runner
     steps: list[list[float]] = []
-    # A batch whose answers end one after another, 4 to 34 tokens: the steps go from a full
+    # A batch whose answers end one after another, 2 to 17 tokens: the steps go from a full
     # batch to a single request, which tells the cost of a step from that of a token.
     decode = _requests(runner, "pace-d", 0, DECODE_REQUESTS, 12, None)
-    _run(engine, decode, steps, started + 0.7 * budget_seconds)
+    _run(engine, decode, steps, started + 0.6 * budget_seconds)
     # Long prompts with one-token answers: steps that are nearly all prefill.
     for group, count in enumerate((2, 4)):
         prefill = _requests(runner, f"pace-p{group}", 100 * (group + 1), count, 160, 1)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import structlog
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from servicekit import (
     chat_file,
@@ -138,8 +138,8 @@ def test_the_probe_times_steps_whose_batch_shrinks_and_steps_that_prefill() -> N
     pace = measure_pace(FakeEngine(spec))
     completions = [completion for _, completion, _ in pace["steps"]]
     # The fake engine finishes four requests a step, each with up to 8 words: answers of
-    # 4, 6, 8, 8, then 8 each; then the two groups of long prompts, one token each.
-    assert completions == [4 + 6 + 8 + 8, 32, 32, 32, 2, 4]
+    # 2, 3, 4... 8, then 8 each; then the two groups of long prompts, one token each.
+    assert completions == [2 + 3 + 4 + 5, 6 + 7 + 8 + 8, 32, 32, 2, 4]
     assert all(seconds >= 0 for _, _, seconds in pace["steps"])
 
 
@@ -416,6 +416,14 @@ def test_answers_running_longer_than_predicted_are_weighed_against_the_longer_pr
     assert by_share.overrun and by_share.seconds_left > 3 * truth
 
 
+@functools.cache
+def long_answers_estimate() -> dict:
+    samples = [[192, 50, True]] * 60 + [[192, 192, False]] * 40
+    shape = JobShape(MODEL, CHAT, 300, 300 * 200, {192: 300})
+    return estimate_run(shape, [length_record(1, 192, samples)]).as_dict()
+
+
+@settings(deadline=None)  # a replay of up to 2,048 requests per example, on a loaded machine
 @given(
     elapsed=st.floats(0, 1e6),
     completion_done=st.floats(0, 1e7),
@@ -427,10 +435,7 @@ def test_answers_running_longer_than_predicted_are_weighed_against_the_longer_pr
 def test_with_requests_left_the_refined_end_is_never_now_or_past(
     elapsed, completion_done, finished, requests_done, requests_left, in_flight
 ) -> None:
-    samples = [[192, 50, True]] * 60 + [[192, 192, False]] * 40
-    estimate = estimate_run(
-        JobShape(MODEL, CHAT, 300, 300 * 200, {192: 300}), [length_record(1, 192, samples)]
-    ).as_dict()
+    estimate = long_answers_estimate()
     total = requests_done + requests_left
     left = refine(
         estimate,

@@ -427,15 +427,22 @@ def latest_pace(history: Iterable[dict[str, Any]], shape: JobShape) -> dict[str,
 def pace_coefficients(record: dict[str, Any] | None) -> tuple[float, float, float] | None:
     """The time model fitted to the probe's timed steps ([prompt tokens, completion tokens,
     seconds] each) on their seconds, so that the long prefill steps weigh as much as the
-    time they take: a job's time is a sum of such steps."""
+    time they take: a job's time is a sum of such steps.
+
+    A fit that gives some kind of work no cost at all (steps timed on a busy machine, where
+    other processes took the cores now and then, scatter too much to tell the terms apart)
+    would estimate some jobs at nothing: then the cautious defaults are scaled to the
+    probe's total time instead, as the fit scales them to a first job."""
     steps = ((record or {}).get("pace") or {}).get("steps") or []
     timed = [(float(c), 1.0, float(p), float(s)) for p, c, s in steps if s > 0]
     if not timed:
         return None
     fitted = nonnegative_fit([row[:3] for row in timed], [row[3] for row in timed])
-    if fitted is None or not any(fitted):
-        return None
-    return fitted  # type: ignore[return-value]
+    if fitted is not None and min(fitted) > 0:
+        return fitted  # type: ignore[return-value]
+    modelled = sum(model_seconds(COLD, row[:3]) for row in timed)
+    scale = sum(row[3] for row in timed) / modelled
+    return tuple(scale * c for c in COLD)  # type: ignore[return-value]
 
 
 # -- prompt tokens ------------------------------------------------------------------------

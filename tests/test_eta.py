@@ -30,6 +30,7 @@ from servicekit import (
 
 import watcher.commands
 from benchmarks.estimator import (
+    COLD,
     JobShape,
     estimate_run,
     expected_length,
@@ -160,6 +161,16 @@ def test_the_first_estimate_rests_on_the_pace_the_engine_timed() -> None:
     fitted = estimate_run(job, [pace_of(steps), record]).coefficients
     ratios = [value / true for value, true in zip(fitted, TRUE)]
     assert ratios == pytest.approx([ratios[0]] * 3)
+
+
+def test_a_pace_too_scattered_to_tell_the_terms_apart_scales_the_cautious_defaults() -> None:
+    # Decode steps of one batch size only, timed on a busy machine: nothing tells the cost
+    # of a token from that of a step, and a fit would give one of them none.
+    steps = [[0, 16, 0.1], [0, 16, 0.3], [0, 16, 0.1], [0, 16, 0.2]]
+    fitted = pace_coefficients(pace_of(steps))
+    ratios = [value / cold for value, cold in zip(fitted, COLD)]
+    assert ratios == pytest.approx([ratios[0]] * 3)
+    assert sum(model_seconds(fitted, (c, 1, p)) for p, c, _ in steps) == pytest.approx(0.7)
 
 
 def config_text(engine: dict | None = None) -> str:

@@ -31,11 +31,10 @@ this one count most: each weighs exp(-d/2), d the squared log2 ratios of the pro
 characters per request and of the `max_tokens` (Beran's kernel-weighted Kaplan-Meier), so
 a history of one-word labels does not shorten the forecast for a file of essays.
 
-While a job runs, `refine` measures its pace, the seconds per unit of modelled work done
-(from the engine's own token counters, and the steps the replay says made those tokens),
-and expects the work left at that pace. Until a quarter of the predicted work is done the
-model's own pace weighs as much as the measured one: early on the job has done little but
-prefill and start-up, which says little about the decoding to come.
+While a job runs, benchmarks.refine measures its pace, the seconds per unit of modelled
+work done, and expects the work left at that pace. A model new here has its engine's pace
+timed at its first load (runner.pace): a fit of the time model to the timed steps of that
+probe stands in for the cautious defaults.
 """
 
 from __future__ import annotations
@@ -49,6 +48,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from benchmarks.lengths import (
+    SIMULATED,
+    expected_length,
+    natural_tail,
+    planned_lengths,
+    spread,
+    survival_curve,
+)
+
 CHAT = "/v1/chat/completions"
 EMBEDDINGS = "/v1/embeddings"
 CHARS_PER_TOKEN = 4.0  # until history says otherwise
@@ -61,7 +69,6 @@ DEFAULT_CONCURRENCY = 256
 COLD = (0.03, 0.3, 0.015)  # per token, per step, per prompt token
 COLD_COMPLETION_TOKENS = 256
 COLD_LOAD_SECONDS = 60.0
-SIMULATED = 2048  # requests replayed at most; a larger job is replayed at scale
 PRIOR_SHARE = 0.25  # the model's pace counts as much as the job's own until this much is done
 LENGTH_QUANTILES = 64  # predicted answer lengths an estimate keeps for refine
 
@@ -132,29 +139,6 @@ def matching(history: Iterable[dict[str, Any]], shape: JobShape) -> list[dict[st
 # -- completion lengths ------------------------------------------------------------------
 
 
-def survival_curve(
-    samples: Sequence[Sequence[Any]], weights: Sequence[float] | None = None
-) -> list[tuple[int, float]]:
-    """Kaplan-Meier: [(t, P(length > t))] at each length where some request stopped.
-
-    A sample is (max_tokens, tokens, stopped); a request cut off at max_tokens is censored.
-    With `weights`, each sample counts that much (Beran's kernel-weighted Kaplan-Meier).
-    """
-    events: dict[int, list[float]] = {}
-    for index, (_, tokens, stopped) in enumerate(samples):
-        counts = events.setdefault(int(tokens), [0.0, 0.0])
-        counts[0 if stopped else 1] += 1.0 if weights is None else weights[index]
-    at_risk = float(len(samples)) if weights is None else float(sum(weights))
-    survival, curve = 1.0, []
-    for tokens in sorted(events):
-        stopped, censored = events[tokens]
-        if stopped and at_risk > 1e-12:
-            survival *= max(1 - stopped / at_risk, 0.0)
-            curve.append((tokens, survival))
-        at_risk -= stopped + censored
-    return curve
-
-
 def length_curves(
     records: list[dict[str, Any]], shape: JobShape, caps: Iterable[int]
 ) -> dict[int, list[tuple[int, float]]]:
@@ -178,78 +162,6 @@ def length_curves(
         curve = survival_curve(samples, weights)
         curves[cap] = curve + natural_tail(curve, samples, weights, cap)
     return curves
-
-
-def stopping_rate(samples: Sequence[Sequence[Any]], weights: Sequence[float]) -> float:
-    """The rate at which answers stop by themselves, per token: the weight of the answers
-    that stopped over that of all the tokens the answers ran, cut-off ones included (the
-    most likely constant hazard under censoring)."""
-    tokens = sum(w * float(t) for (_, t, _), w in zip(samples, weights))
-    stops = sum(w for (_, _, stopped), w in zip(samples, weights) if stopped)
-    return stops / tokens if tokens > 0 else 0.0
-
-
-TAIL_POINTS = 256  # points of the survival curve past the longest answer seen, at most
-
-
-def natural_tail(
-    curve: list[tuple[int, float]],
-    samples: Sequence[Sequence[Any]],
-    weights: Sequence[float],
-    cap: int,
-) -> list[tuple[int, float]]:
-    """The survival curve from the longest answer seen up to `cap`.
-
-    Kaplan-Meier knows nothing past the longest answer seen: the answers still running
-    there would all run to the cap, which overestimates a job whose max_tokens is larger
-    than any before (a history of max_tokens 32, a job of 64). The answers that stopped by
-    themselves, against all the tokens that answers ran, give the rate at which this
-    model's answers end; past the data the curve goes on at that rate. (A Weibull fitted the
-    same way swung from half to twice the truth when few answers had stopped; the constant
-    rate stayed within 17 % on the answers seen here, and erred long when it erred.)"""
-    top = max(weights, default=0.0)
-    seen = [t for (_, t, _), w in zip(samples, weights) if w >= 1e-3 * top]
-    horizon = int(max([*seen, curve[-1][0] if curve else 0]))
-    if not seen or cap <= horizon:
-        return []
-    rate = stopping_rate(samples, weights)
-    start = curve[-1][1] if curve else 1.0
-    stride = max(1, math.ceil((cap - horizon) / TAIL_POINTS))
-    return [
-        (t, start * math.exp(-rate * (t - horizon)))
-        for t in range(horizon + stride, cap + 1, stride)
-    ]
-
-
-def expected_length(curve: list[tuple[int, float]], cap: int) -> float:
-    """E[min(cap, L)] = the area under the survival curve from 0 to cap."""
-    area, previous_t, previous_s = 0.0, 0, 1.0
-    for tokens, survival in curve:
-        if tokens >= cap:
-            break
-        area += (tokens - previous_t) * previous_s
-        previous_t, previous_s = tokens, survival
-    return area + (cap - previous_t) * previous_s
-
-
-def length_at(curve: list[tuple[int, float]], share: float) -> float:
-    """The length by which `share` of the answers have stopped: the first t with
-    P(L > t) <= 1 - share; infinite when the curve never gets that low."""
-    for tokens, survival in curve:
-        if survival <= 1.0 - share + 1e-12:
-            return float(tokens)
-    return math.inf
-
-
-def planned_lengths(curves: dict[int, list[tuple[int, float]]], caps: dict[int, int]):
-    """One answer length per request (at most SIMULATED of them, in proportion): evenly
-    spread quantiles of the lengths under each request's cap."""
-    scale = min(1.0, SIMULATED / max(sum(caps.values()), 1))
-    lengths = []
-    for cap, count in caps.items():
-        kept = max(1, round(count * scale))
-        lengths += [min(cap, length_at(curves[cap], (i + 0.5) / kept)) for i in range(kept)]
-    return lengths
 
 
 def _caps(shape: JobShape, cold: bool) -> dict[int, int]:
@@ -512,7 +424,7 @@ def estimate_run(shape: JobShape, history: Iterable[dict[str, Any]]) -> Estimate
         concurrency = concurrency_of(requests, engine, (prompt + completion) / requests)
         planned = planned_lengths(curves, caps)
         steps, progress = replay(planned, concurrency, requests)
-        lengths = quantiles(planned, LENGTH_QUANTILES)
+        lengths = spread(planned, min(LENGTH_QUANTILES, len(planned)))
     seconds = model_seconds(coefficients, (completion, steps, prompt))
     return Estimate(
         seconds,
@@ -527,160 +439,6 @@ def estimate_run(shape: JobShape, history: Iterable[dict[str, Any]]) -> Estimate
         lengths,
         max((cap or shape.max_model_len for cap in shape.max_tokens), default=0),
     )
-
-
-def quantiles(values: Iterable[float], count: int) -> list[float]:
-    ordered = sorted(values)
-    if not ordered:
-        return []
-    kept = min(count, len(ordered))
-    return [ordered[int((i + 0.5) * len(ordered) / kept)] for i in range(kept)]
-
-
-# -- while a job runs ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Refined:
-    seconds_left: float
-    overrun: bool
-
-
-def steps_done(estimate: dict[str, Any], completion_done: float) -> float:
-    """The engine steps behind the completion tokens done so far, from the replayed job's
-    progress: early on the batch is full and each step makes many tokens, near the end few."""
-    completion = float(estimate.get("completion_tokens", 0))
-    steps = float(estimate.get("steps") or 0.0)
-    progress = estimate.get("progress") or [[0.0, 0.0], [1.0, 1.0]]
-    if completion <= 0 or steps <= 0:
-        return 0.0
-    share = completion_done / completion
-    if share >= 1.0:  # past the prediction: at the job's mean tokens a step
-        return steps + (completion_done - completion) / max(completion / steps, 1.0)
-    for (tokens_a, steps_a), (tokens_b, steps_b) in zip(progress, progress[1:]):
-        if share <= tokens_b:
-            within = (share - tokens_a) / (tokens_b - tokens_a) if tokens_b > tokens_a else 1.0
-            return steps * (steps_a + within * (steps_b - steps_a))
-    return steps
-
-
-def refine(
-    estimate: dict[str, Any],
-    elapsed: float,
-    prompt_done: float,
-    completion_done: float,
-    requests_done: int,
-    requests_total: int,
-    *,
-    finished_completion: float | None = None,
-    in_flight: int | None = None,
-) -> Refined:
-    """The time left, from the work the engine has actually done so far.
-
-    The engine's token counters include requests still in flight. With the tokens of the
-    finished requests and how many are in flight, the answers still running are weighed
-    against the predicted lengths: each has run `age` tokens (their tokens over their
-    number), so it is one of the predicted answers longer than that, and what it has left
-    is what those have left. A job whose answers run longer than predicted thus sees more
-    left as soon as fewer of them end than predicted, not only once its predicted tokens
-    are spent. The requests not started yet run as predicted. The steps left come from
-    replaying that rest through the batch; the pace, seconds per unit of the time model's
-    work, from the work done so far, leaning on the model's own (1) until a quarter of the
-    job's work is done. Without the two counts (older callers), the work left is the
-    predicted work less that done (refine_by_share).
-    """
-    requests_left = max(requests_total - requests_done, 0)
-    if requests_left == 0:
-        return Refined(0.0, False)
-    lengths = [float(length) for length in estimate.get("lengths") or []]
-    if finished_completion is None or in_flight is None or not lengths:
-        return refine_by_share(
-            estimate, elapsed, prompt_done, completion_done, requests_done, requests_total
-        )
-    coefficients = estimate.get("coefficients") or COLD
-    batch = max(int(estimate.get("concurrency") or DEFAULT_CONCURRENCY), 1)
-    running = min(max(in_flight, 0), requests_left, batch)  # the rest of those wait
-    waiting = requests_left - running
-    age = max(completion_done - finished_completion, 0.0) / running if running else 0.0
-    longer = [length - age for length in lengths if length > age]
-    overrun = running > 0 and not longer
-    # Past every predicted length, an answer still running is taken to be half done, and
-    # to end at its max_tokens at the latest.
-    longest = float(estimate.get("longest") or 2 * age)
-    residuals = longer or [max(min(age, longest - age), 1.0)]
-    scale = min(1.0, SIMULATED / max(requests_left, 1))
-    running_lengths = spread(residuals, max(round(running * scale), 1 if running else 0))
-    waiting_lengths = spread(lengths, round(waiting * scale))
-    tokens_left = running * statistics.fmean(residuals) + waiting * statistics.fmean(lengths)
-    steps_left = steps_to_finish(running_lengths, waiting_lengths, max(round(batch * scale), 1))
-    # Every request in flight has run since about when the oldest started; with more
-    # requests than the batch holds, the batch ran full.
-    done_steps = max(age, completion_done / min(batch, max(requests_total, 1)))
-    prompt_left = max(float(estimate.get("prompt_tokens", 0)) - prompt_done, 0.0)
-    left = (tokens_left, min(steps_left, tokens_left), prompt_left)
-    done = model_seconds(coefficients, (completion_done, done_steps, prompt_done))
-    return Refined(max(paced(coefficients, elapsed, done, left), 1.0), overrun)
-
-
-def paced(coefficients: Sequence[float], elapsed: float, done: float, left: Sequence[float]):
-    """The model's seconds for the work left, at the pace measured so far: seconds per unit
-    of work done, leaning on the model's own pace (1) while little of the job is done."""
-    rest = model_seconds(coefficients, left)
-    prior = max(PRIOR_SHARE * (done + rest), 0.1)
-    return rest * (max(elapsed, 0.0) + prior) / (done + prior)
-
-
-def spread(values: list[float], count: int) -> list[float]:
-    """`count` evenly spread quantiles of the values."""
-    ordered = sorted(values)
-    if count <= 0 or not ordered:
-        return []
-    return [ordered[int((i + 0.5) * len(ordered) / count)] for i in range(count)]
-
-
-def steps_to_finish(running: list[float], waiting: list[float], slots: int) -> float:
-    """Steps until the batch is done: the running answers hold their slots for what they
-    have left, the waiting ones (in a fixed shuffled order) take the first slot free."""
-    free_at = sorted(running) + [0.0] * max(slots - len(running), 0)
-    heapq.heapify(free_at)
-    order = list(waiting)
-    random.Random(0).shuffle(order)
-    for length in order:
-        heapq.heappush(free_at, heapq.heappop(free_at) + length)
-    return max(free_at, default=0.0)
-
-
-def refine_by_share(
-    estimate: dict[str, Any],
-    elapsed: float,
-    prompt_done: float,
-    completion_done: float,
-    requests_done: int,
-    requests_total: int,
-) -> Refined:
-    """The time left as the predicted work less the work done, read off the replayed job's
-    progress; past the predicted tokens, the requests left run as long as those so far."""
-    requests_left = max(requests_total - requests_done, 0)
-    coefficients = estimate.get("coefficients") or COLD
-    batch = max(float(estimate.get("concurrency") or DEFAULT_CONCURRENCY), 1.0)
-    completion = float(estimate.get("completion_tokens", 0))
-    prompt = float(estimate.get("prompt_tokens", 0))
-    steps = float(estimate.get("steps") or completion / batch)
-    done_steps = steps_done({**estimate, "steps": steps}, completion_done)
-    overrun = completion_done >= completion and completion_done > 0
-    if overrun:
-        in_flight = min(batch, requests_left)
-        per_request = completion_done / (requests_done + in_flight / 2)
-        completion = completion_done + per_request * (requests_left - in_flight / 2)
-        steps = done_steps + per_request * max(requests_left / batch, 1.0)
-    done = model_seconds(coefficients, (completion_done, done_steps, prompt_done))
-    left = (
-        max(completion - completion_done, 0.0),
-        min(max(steps - done_steps, 0.0), max(completion - completion_done, 0.0)),
-        max(prompt - prompt_done, 0.0),
-    )
-    # Requests are left, so the end is never now or in the past.
-    return Refined(max(paced(coefficients, elapsed, done, left), 1.0), overrun)
 
 
 def load_seconds_for(model: str, history: Iterable[dict[str, Any]]) -> float:

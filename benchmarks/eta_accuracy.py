@@ -45,9 +45,10 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.estimator import JobShape, estimate_run, refine
+from benchmarks.estimator import JobShape, estimate_run
 from benchmarks.quiet import Quiet
 from benchmarks.record import append_pace, knows_pace, pace_record
+from benchmarks.refine import refine
 from runner.run import Progress
 from watcher.commands import new_spool_job
 from watcher.config import Config, load_config

@@ -36,10 +36,10 @@ from benchmarks.estimator import (
     expected_length,
     model_seconds,
     pace_coefficients,
-    refine,
     survival_curve,
 )
 from benchmarks.record import append_history, read_history, read_paces
+from benchmarks.refine import refine
 from runner.client import EngineProcess
 from runner.engine import FakeEngine, ModelSpec
 from runner.journal import Journal, Tally

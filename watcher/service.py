@@ -24,8 +24,9 @@ from pathlib import Path
 import orjson
 import structlog
 
-from benchmarks.estimator import Refined, load_seconds_for, refine
+from benchmarks.estimator import load_seconds_for
 from benchmarks.record import knows_pace, read_history
+from benchmarks.refine import Refined, refine
 from runner.durable import (
     is_disk_trouble,
     is_out_of_space,

@@ -363,23 +363,30 @@ def shape_of(observation: dict) -> JobShape:
     )
 
 
-def refine_at(estimate: dict, entry: list[float], total: int):
-    """The refined time left at one point of a progress trace."""
+def refine_at(estimate: dict, entry: list[float], total: int, counted: float):
+    """The refined time left at one point of a progress trace, the engine's counters having
+    last moved at `counted`."""
     elapsed, prompt, completion, done = entry[:4]
     extra = {}
     if len(entry) >= 6:  # traces saved before these two were added lack them
         extra = {"finished_completion": entry[4], "in_flight": int(entry[5])}
-    return refine(estimate, elapsed, prompt, completion, int(done), total, **extra)
+    return refine(
+        estimate, elapsed, prompt, completion, int(done), total, counted=counted, **extra
+    )
 
 
 def estimates_at_points(estimate: dict, trace: list[list[float]], total: int) -> dict:
     """The estimated total run time at the first report past each share of the tokens."""
     found: dict[str, float | None] = dict.fromkeys(POINTS)
     final_tokens = trace[-1][1] + trace[-1][2] if trace else 0
+    counters, counted = None, 0.0
     for entry in trace:
+        if (entry[1], entry[2]) != counters:
+            counters, counted = (entry[1], entry[2]), entry[0]
         for point, share in POINTS.items():
             if found[point] is None and entry[1] + entry[2] >= share * final_tokens:
-                found[point] = entry[0] + refine_at(estimate, entry, total).seconds_left
+                left = refine_at(estimate, entry, total, counted)
+                found[point] = entry[0] + left.seconds_left
     return found
 
 

@@ -53,8 +53,15 @@ def refine(
     *,
     finished_completion: float | None = None,
     in_flight: int | None = None,
+    counted: float | None = None,
 ) -> Refined:
     """The time left, from the work the engine has actually done so far.
+
+    The engine's counters move once a step ends, and on a CPU a step that prefills thousands
+    of prompt tokens takes many seconds. So the pace is the time until the counters last
+    moved (`counted`, in seconds from the start like `elapsed`) over the work they count,
+    and the time since then is work under way, taken off what is left: the estimate does
+    not creep later while a long step runs.
 
     The engine's token counters include requests still in flight. With the tokens of the
     finished requests and how many are in flight, the answers still running are weighed
@@ -98,7 +105,9 @@ def refine(
     prompt_left = max(float(estimate.get("prompt_tokens", 0)) - prompt_done, 0.0)
     left = (tokens_left, min(steps_left, tokens_left), prompt_left)
     done = model_seconds(coefficients, (completion_done, done_steps, prompt_done))
-    return Refined(max(paced(coefficients, elapsed, done, left), 1.0), overrun)
+    counted = elapsed if counted is None else min(max(counted, 0.0), elapsed)
+    under_way = elapsed - counted
+    return Refined(max(paced(coefficients, counted, done, left) - under_way, 1.0), overrun)
 
 
 def paced(coefficients: Sequence[float], elapsed: float, done: float, left: Sequence[float]):

@@ -427,6 +427,22 @@ def test_answers_running_longer_than_predicted_are_weighed_against_the_longer_pr
     assert by_share.overrun and by_share.seconds_left > 3 * truth
 
 
+def test_while_a_long_step_runs_the_time_it_takes_comes_off_what_is_left() -> None:
+    # The counters moved at 60 s; at 100 s they have not moved again (a step prefilling
+    # thousands of prompt tokens). The end expected stays where it was at 60 s.
+    samples = [[192, 50, True]] * 60 + [[192, 192, False]] * 40
+    history = [length_record(1, 192, samples) | {"run_seconds": 2000.0}]
+    estimate = estimate_run(JobShape(MODEL, CHAT, 48, 48 * 200, {192: 48}), history).as_dict()
+    counts = {"finished_completion": 0.0, "in_flight": 48}
+    at_60 = refine(estimate, 60.0, 4000.0, 480.0, 0, 48, counted=60.0, **counts)
+    at_100 = refine(estimate, 100.0, 4000.0, 480.0, 0, 48, counted=60.0, **counts)
+    assert at_60.seconds_left > 50
+    assert 100 + at_100.seconds_left == pytest.approx(60 + at_60.seconds_left)
+    # Counted as if measured at 100 s, the same work would have seemed slower: later still.
+    creeping = refine(estimate, 100.0, 4000.0, 480.0, 0, 48, **counts)
+    assert 100 + creeping.seconds_left > 60 + at_60.seconds_left + 10
+
+
 @functools.cache
 def long_answers_estimate() -> dict:
     samples = [[192, 50, True]] * 60 + [[192, 192, False]] * 40

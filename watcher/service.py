@@ -114,7 +114,8 @@ class Running:
     last_status: float = 0.0
     outcome: Path | None = None
     latest: Progress | None = None
-    counted: bool = False  # whether the engine's token counters have moved in this run
+    counters: tuple[int, int] = (0, 0)  # the engine's token counters in this run, last seen
+    counted_at: float | None = None  # when they last moved; None until they first do
     # tokens of requests finished before a restart, which this run's engine did not count
     earlier_tokens: tuple[int, int] | None = None
     trouble: OSError | None = None  # the disk error that stopped it, to resume later
@@ -566,8 +567,10 @@ class Service:
         running.done = (job.completed + job.failed) / job.total if job.total else 1.0
         # The first counters come after the engine's first step, which on a CPU prefills
         # thousands of prompt tokens: seconds. The refined ETA is written at once then.
-        first_counters = not running.counted and counters_moved(progress)
-        running.counted = running.counted or first_counters
+        counters = (progress.engine_prompt_tokens, progress.engine_completion_tokens)
+        first_counters = counters != running.counters and running.counted_at is None
+        if counters != running.counters:
+            running.counters, running.counted_at = counters, time.monotonic()
         if first_counters or time.monotonic() - running.last_status >= STATUS_SECONDS:
             running.last_status = time.monotonic()
             self.write_running_eta(running)
@@ -578,7 +581,7 @@ class Service:
         progress = running.latest
         if running.run_started is None or progress is None or running.job.estimate is None:
             return None
-        if not counters_moved(progress):
+        if running.counted_at is None:
             return None  # nothing measured yet: the estimate before the run stands
         earlier_prompt, earlier_completion = running.earlier_tokens or (0, 0)
         return refine(
@@ -590,6 +593,7 @@ class Service:
             running.job.total,
             finished_completion=progress.tally.completion_tokens,
             in_flight=progress.in_flight,
+            counted=running.counted_at - running.run_started,
         )
 
     def running_left(self, running: Running) -> float:
@@ -812,10 +816,6 @@ class Service:
         if job.status is not JobStatus.IN_PROGRESS:
             mark_queued(job)
         self.queue.push(job)
-
-
-def counters_moved(progress: Progress) -> bool:
-    return progress.engine_prompt_tokens + progress.engine_completion_tokens > 0
 
 
 def unclaimable(path: Path) -> str | None:

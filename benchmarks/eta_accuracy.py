@@ -21,7 +21,7 @@ tokens <= 5 %, at 50 % <= 3 %); the first job's error (target <= 50 %, from the 
 and how quiet the machine was over the whole run (benchmarks.quiet).
 
     python benchmarks/eta_accuracy.py [--sequence mixed|new-user] [--model smollm2-135m]
-        [--config config.yaml] [--save run.json] [--replay run.json] [--jobs 3]
+        [--config config.yaml] [--save run.json] [--replay run.json] [--jobs 3] [--scale 0.25]
 
 `--save` keeps what the run observed (the pace, records, progress traces, CPU seconds),
 after every job; `--replay` evaluates the current estimator against such a file without
@@ -40,7 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -328,9 +328,14 @@ def run_sequence(arguments: argparse.Namespace) -> dict:
         quiet = Quiet().start()
         try:
             pace = measure_load(config, pool, arguments.model)
-            run = {"sequence": arguments.sequence, "pace": pace, "jobs": []}
+            name = arguments.sequence + (f" at {arguments.scale:g}" if arguments.scale != 1 else "")
+            run = {"sequence": name, "pace": pace, "jobs": []}
             observed = run["jobs"]
-            for index, plan in enumerate(SEQUENCES[arguments.sequence][: arguments.jobs]):
+            plans = [
+                replace(plan, requests=max(1, round(plan.requests * arguments.scale)))
+                for plan in SEQUENCES[arguments.sequence][: arguments.jobs]
+            ]
+            for index, plan in enumerate(plans):
                 observed.append(run_job(config, pool, plan, arguments.model, seed=index))
                 run["quiet"] = Quiet.stop(quiet).as_dict()
                 if arguments.save:  # after every job, so that a stopped run keeps what it saw
@@ -491,6 +496,12 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--config", default=str(ROOT / "config.yaml"))
     parser.add_argument("--sequence", choices=sorted(SEQUENCES), default="mixed")
     parser.add_argument("--jobs", type=int, default=len(PLANS), help="run the first N jobs")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="run each job with this share of its requests (a quick look on a busy machine)",
+    )
     parser.add_argument("--save", help="write what the run observed to this JSON file")
     parser.add_argument("--replay", help="evaluate a saved run instead of running jobs")
     return parser.parse_args()

@@ -7,7 +7,9 @@ answers end at set lengths, then two groups of long prompts. Each engine step is
 with the prompt and completion tokens it processed (from the engine's own counters), so
 the estimator can fit its time model (a cost per generated token, per step and per prompt
 token) to steps where the batch shrinks from full to one and to steps that only prefill.
-The probe stops early at its time budget: on a two-core CPU it takes about two seconds.
+The probe stops early at its time budget (after ten decode steps and one step of each
+prefill group, however late): on an idle two-core CPU it takes about two seconds, on one
+that other work keeps busy as long as that work makes it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from runner.types import COMPLETIONS, EMBEDDINGS, EngineRequest
 
 BUDGET_SECONDS = 2.0
 DECODE_REQUESTS = 16
+# Decode steps timed however busy the machine: half the batch has ended by then, enough to
+# tell the cost of a token from that of a step.
+DECODE_STEPS = 10
 # Varied words, so that no two prompts share a block of the prefix cache after the first.
 WORDS = (
     "river stone lantern orchard velvet harbour meadow copper thistle window engine "
@@ -56,8 +61,11 @@ def _requests(
     ]
 
 
-def _run(engine: Engine, requests: list[EngineRequest], found: list, deadline: float) -> None:
-    """Add the requests and step until they are done or the time is up, timing each step."""
+def _run(
+    engine: Engine, requests: list[EngineRequest], found: list, deadline: float, least: int
+) -> None:
+    """Add the requests and step until they are done or the time is up (after `least` steps
+    however late: each phase tells something the others do not), timing each step."""
     steps: list[list[float]] = []
     for request in requests:
         try:
@@ -66,8 +74,7 @@ def _run(engine: Engine, requests: list[EngineRequest], found: list, deadline: f
             continue  # a model with a tiny context: the probe makes do with the rest
     before = engine.counters()
     while engine.has_unfinished():
-        # One step at least, however late: each phase tells something the others do not.
-        if steps and time.monotonic() >= deadline:
+        if len(steps) >= least and time.monotonic() >= deadline:
             engine.abort([request.key for request in requests])
             break
         started = time.perf_counter()
@@ -88,11 +95,11 @@ def measure_pace(engine: Engine, budget_seconds: float = BUDGET_SECONDS) -> dict
     # A batch whose answers end one after another, 2 to 17 tokens: the steps go from a full
     # batch to a single request, which tells the cost of a step from that of a token.
     decode = _requests(runner, "pace-d", 0, DECODE_REQUESTS, 12, None)
-    _run(engine, decode, steps, started + 0.6 * budget_seconds)
+    _run(engine, decode, steps, started + 0.6 * budget_seconds, DECODE_STEPS)
     # Long prompts with one-token answers: steps that are nearly all prefill.
     for group, count in enumerate((2, 4)):
         prefill = _requests(runner, f"pace-p{group}", 100 * (group + 1), count, 160, 1)
-        _run(engine, prefill, steps, started + budget_seconds)
+        _run(engine, prefill, steps, started + budget_seconds, 1)
     return {"steps": steps, "seconds": round(time.monotonic() - started, 3)}
 
 

@@ -71,6 +71,7 @@ COLD_COMPLETION_TOKENS = 256
 COLD_LOAD_SECONDS = 60.0
 PRIOR_SHARE = 0.25  # the model's pace counts as much as the job's own until this much is done
 LENGTH_QUANTILES = 64  # predicted answer lengths an estimate keeps for refine
+PACE_STEPS = 8  # timed steps a pace needs for its own fit (runner.pace times 12 at least)
 
 
 @dataclass(frozen=True)
@@ -343,13 +344,17 @@ def pace_coefficients(record: dict[str, Any] | None) -> tuple[float, float, floa
 
     A fit that gives some kind of work no cost at all (steps timed on a busy machine, where
     other processes took the cores now and then, scatter too much to tell the terms apart)
-    would estimate some jobs at nothing: then the cautious defaults are scaled to the
-    probe's total time instead, as the fit scales them to a first job."""
+    would estimate some jobs at nothing, and one to fewer than PACE_STEPS steps (an older
+    probe cut short by a busy machine) fits any three numbers exactly: then the cautious
+    defaults are scaled to the probe's total time instead, as the fit scales them to a
+    first job."""
     steps = ((record or {}).get("pace") or {}).get("steps") or []
     timed = [(float(c), 1.0, float(p), float(s)) for p, c, s in steps if s > 0]
     if not timed:
         return None
-    fitted = nonnegative_fit([row[:3] for row in timed], [row[3] for row in timed])
+    fitted = None
+    if len(timed) >= PACE_STEPS:
+        fitted = nonnegative_fit([row[:3] for row in timed], [row[3] for row in timed])
     if fitted is not None and min(fitted) > 0:
         return fitted  # type: ignore[return-value]
     modelled = sum(model_seconds(COLD, row[:3]) for row in timed)

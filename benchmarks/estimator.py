@@ -31,11 +31,10 @@ this one count most: each weighs exp(-d/2), d the squared log2 ratios of the pro
 characters per request and of the `max_tokens` (Beran's kernel-weighted Kaplan-Meier), so
 a history of one-word labels does not shorten the forecast for a file of essays.
 
-While a job runs, `refine` measures its pace, the seconds per unit of modelled work done
-(from the engine's own token counters, and the steps the replay says made those tokens),
-and expects the work left at that pace. Until a quarter of the predicted work is done the
-model's own pace weighs as much as the measured one: early on the job has done little but
-prefill and start-up, which says little about the decoding to come.
+While a job runs, benchmarks.refine measures its pace, the seconds per unit of modelled
+work done, and expects the work left at that pace. A model new here has its engine's pace
+timed at its first load (runner.pace): a fit of the time model to the timed steps of that
+probe stands in for the cautious defaults.
 """
 
 from __future__ import annotations
@@ -49,6 +48,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from benchmarks.lengths import (
+    SIMULATED,
+    expected_length,
+    natural_tail,
+    planned_lengths,
+    spread,
+    survival_curve,
+)
+
 CHAT = "/v1/chat/completions"
 EMBEDDINGS = "/v1/embeddings"
 CHARS_PER_TOKEN = 4.0  # until history says otherwise
@@ -61,8 +69,9 @@ DEFAULT_CONCURRENCY = 256
 COLD = (0.03, 0.3, 0.015)  # per token, per step, per prompt token
 COLD_COMPLETION_TOKENS = 256
 COLD_LOAD_SECONDS = 60.0
-SIMULATED = 2048  # requests replayed at most; a larger job is replayed at scale
 PRIOR_SHARE = 0.25  # the model's pace counts as much as the job's own until this much is done
+LENGTH_QUANTILES = 64  # predicted answer lengths an estimate keeps for refine
+PACE_STEPS = 8  # timed steps a pace needs for its own fit (runner.pace times 12 at least)
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,10 @@ class Estimate:
     steps: float = 0.0
     # the replayed job's [share of its completion tokens, share of its steps], by tenths
     progress: list[list[float]] = field(default_factory=list)
+    # the predicted answer lengths, evenly spread quantiles (refine weighs the answers still
+    # running against them)
+    lengths: list[float] = field(default_factory=list)
+    longest: int = 0  # the largest max_tokens of the job's requests
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -101,6 +114,8 @@ class Estimate:
             "coefficients": list(self.coefficients),
             "concurrency": self.concurrency,
             "progress": [[round(a, 3), round(b, 3)] for a, b in self.progress],
+            "lengths": [round(length, 1) for length in self.lengths],
+            "longest": self.longest,
         }
 
 
@@ -125,36 +140,14 @@ def matching(history: Iterable[dict[str, Any]], shape: JobShape) -> list[dict[st
 # -- completion lengths ------------------------------------------------------------------
 
 
-def survival_curve(
-    samples: Sequence[Sequence[Any]], weights: Sequence[float] | None = None
-) -> list[tuple[int, float]]:
-    """Kaplan-Meier: [(t, P(length > t))] at each length where some request stopped.
-
-    A sample is (max_tokens, tokens, stopped); a request cut off at max_tokens is censored.
-    With `weights`, each sample counts that much (Beran's kernel-weighted Kaplan-Meier).
-    """
-    events: dict[int, list[float]] = {}
-    for index, (_, tokens, stopped) in enumerate(samples):
-        counts = events.setdefault(int(tokens), [0.0, 0.0])
-        counts[0 if stopped else 1] += 1.0 if weights is None else weights[index]
-    at_risk = float(len(samples)) if weights is None else float(sum(weights))
-    survival, curve = 1.0, []
-    for tokens in sorted(events):
-        stopped, censored = events[tokens]
-        if stopped and at_risk > 1e-12:
-            survival *= max(1 - stopped / at_risk, 0.0)
-            curve.append((tokens, survival))
-        at_risk -= stopped + censored
-    return curve
-
-
 def length_curves(
     records: list[dict[str, Any]], shape: JobShape, caps: Iterable[int]
 ) -> dict[int, list[tuple[int, float]]]:
     """A survival curve for each of the job's caps, from the earlier jobs' samples, each
     weighted by how alike it is: a factor of two in prompt characters per request, or in
     max_tokens, weighs exp(-1/2); ten, nearly nothing. Jobs of one kind thus predict their
-    kind, and a job of labels does not shorten the forecast for a job of essays."""
+    kind, and a job of labels does not shorten the forecast for a job of essays. Past the
+    longest answer seen, the curve goes on as the fitted natural lengths say (natural_tail)."""
     chars = shape.prompt_chars / max(shape.requests, 1)
     samples, likeness = [], []
     for record in records:
@@ -164,44 +157,12 @@ def length_curves(
         for sample in record.get("completion_samples") or []:
             samples.append(sample)
             likeness.append((distance, max(int(sample[0] or 1), 1)))
-    return {
-        cap: survival_curve(
-            samples,
-            [math.exp(-0.5 * (d + math.log2(c / cap) ** 2)) for d, c in likeness],
-        )
-        for cap in caps
-    }
-
-
-def expected_length(curve: list[tuple[int, float]], cap: int) -> float:
-    """E[min(cap, L)] = the area under the survival curve from 0 to cap."""
-    area, previous_t, previous_s = 0.0, 0, 1.0
-    for tokens, survival in curve:
-        if tokens >= cap:
-            break
-        area += (tokens - previous_t) * previous_s
-        previous_t, previous_s = tokens, survival
-    return area + (cap - previous_t) * previous_s
-
-
-def length_at(curve: list[tuple[int, float]], share: float) -> float:
-    """The length by which `share` of the answers have stopped: the first t with
-    P(L > t) <= 1 - share; infinite when the curve never gets that low."""
-    for tokens, survival in curve:
-        if survival <= 1.0 - share + 1e-12:
-            return float(tokens)
-    return math.inf
-
-
-def planned_lengths(curves: dict[int, list[tuple[int, float]]], caps: dict[int, int]):
-    """One answer length per request (at most SIMULATED of them, in proportion): evenly
-    spread quantiles of the lengths under each request's cap."""
-    scale = min(1.0, SIMULATED / max(sum(caps.values()), 1))
-    lengths = []
-    for cap, count in caps.items():
-        kept = max(1, round(count * scale))
-        lengths += [min(cap, length_at(curves[cap], (i + 0.5) / kept)) for i in range(kept)]
-    return lengths
+    curves = {}
+    for cap in caps:
+        weights = [math.exp(-0.5 * (d + math.log2(c / cap) ** 2)) for d, c in likeness]
+        curve = survival_curve(samples, weights)
+        curves[cap] = curve + natural_tail(curve, samples, weights, cap)
+    return curves
 
 
 def _caps(shape: JobShape, cold: bool) -> dict[int, int]:
@@ -303,29 +264,36 @@ def model_seconds(coefficients: Sequence[float], features: Sequence[float]) -> f
     return sum(c * f for c, f in zip(coefficients, features))
 
 
-def nonnegative_fit(rows: list[tuple[float, ...]]) -> tuple[float, ...] | None:
-    """Non-negative least squares of sum(c * row) = 1, by trying every set of active terms."""
+def nonnegative_fit(
+    rows: list[tuple[float, ...]], targets: Sequence[float] | None = None
+) -> tuple[float, ...] | None:
+    """Non-negative least squares of sum(c * row) = target (1 unless given), by trying
+    every set of active terms."""
     width = len(rows[0]) if rows else 0
+    goals = list(targets) if targets is not None else [1.0] * len(rows)
     best, best_error = None, math.inf
     for size in range(1, width + 1):
         for active in itertools.combinations(range(width), size):
-            solution = _solve(rows, active)
+            solution = _solve(rows, goals, active)
             if solution is None or min(solution) < 0:
                 continue
             coefficients = [0.0] * width
             for index, value in zip(active, solution):
                 coefficients[index] = value
-            error = sum((model_seconds(coefficients, row) - 1.0) ** 2 for row in rows)
-            if error < best_error - 1e-12:
+            error = sum((model_seconds(coefficients, r) - g) ** 2 for r, g in zip(rows, goals))
+            if best is None or error < best_error * (1 - 1e-12) - 1e-15:
                 best, best_error = tuple(coefficients), error
     return best
 
 
-def _solve(rows: list[tuple[float, ...]], active: tuple[int, ...]) -> list[float] | None:
-    """Least squares of sum(c * row[active]) = 1 (normal equations; three columns at most)."""
+def _solve(
+    rows: list[tuple[float, ...]], goals: list[float], active: tuple[int, ...]
+) -> list[float] | None:
+    """Least squares of sum(c * row[active]) = goal (normal equations; three columns at
+    most)."""
     size = len(active)
     matrix = [[sum(r[i] * r[j] for r in rows) for j in active] for i in active]
-    vector = [sum(r[i] for r in rows) for i in active]
+    vector = [sum(r[i] * g for r, g in zip(rows, goals)) for i in active]
     scale = max((abs(value) for line in matrix for value in line), default=0.0)
     for column in range(size):  # Gauss-Jordan with partial pivoting
         pivot = max(range(column, size), key=lambda row: abs(matrix[row][column]))
@@ -341,17 +309,57 @@ def _solve(rows: list[tuple[float, ...]], active: tuple[int, ...]) -> list[float
     return [vector[i] / matrix[i][i] for i in range(size)]
 
 
-def fit_coefficients(records: list[dict[str, Any]]) -> tuple[float, float, float]:
+def fit_coefficients(
+    records: list[dict[str, Any]], prior: Sequence[float] = COLD
+) -> tuple[float, float, float]:
     """The time model's coefficients, fitted on the relative error of each record's time."""
     rows = []
     for record in records:
         seconds = record["run_seconds"]
         rows.append(tuple(value / seconds for value in record_features(record)))
     if len(records) < 3:
-        # Too few jobs to tell the terms apart: keep the cautious shape, fit only its scale.
-        scale = statistics.median(1.0 / max(model_seconds(COLD, row), 1e-12) for row in rows)
-        return tuple(scale * c for c in COLD)  # type: ignore[return-value]
-    return nonnegative_fit(rows) or COLD  # type: ignore[return-value]
+        # Too few jobs to tell the terms apart: keep the prior's shape (the engine's
+        # measured pace, else the cautious defaults), fit only its scale.
+        scale = statistics.median(1.0 / max(model_seconds(prior, row), 1e-12) for row in rows)
+        return tuple(scale * c for c in prior)  # type: ignore[return-value]
+    return nonnegative_fit(rows) or tuple(prior)  # type: ignore[return-value]
+
+
+def latest_pace(history: Iterable[dict[str, Any]], shape: JobShape) -> dict[str, Any] | None:
+    """The last pace the model's engine measured at its load here (runner.pace)."""
+    paces = [
+        record
+        for record in history
+        if record.get("kind") == "pace"
+        and record.get("model") == shape.model
+        and (shape.hardware is None or record.get("hardware") == shape.hardware)
+    ]
+    return paces[-1] if paces else None
+
+
+def pace_coefficients(record: dict[str, Any] | None) -> tuple[float, float, float] | None:
+    """The time model fitted to the probe's timed steps ([prompt tokens, completion tokens,
+    seconds] each) on their seconds, so that the long prefill steps weigh as much as the
+    time they take: a job's time is a sum of such steps.
+
+    A fit that gives some kind of work no cost at all (steps timed on a busy machine, where
+    other processes took the cores now and then, scatter too much to tell the terms apart)
+    would estimate some jobs at nothing, and one to fewer than PACE_STEPS steps (an older
+    probe cut short by a busy machine) fits any three numbers exactly: then the cautious
+    defaults are scaled to the probe's total time instead, as the fit scales them to a
+    first job."""
+    steps = ((record or {}).get("pace") or {}).get("steps") or []
+    timed = [(float(c), 1.0, float(p), float(s)) for p, c, s in steps if s > 0]
+    if not timed:
+        return None
+    fitted = None
+    if len(timed) >= PACE_STEPS:
+        fitted = nonnegative_fit([row[:3] for row in timed], [row[3] for row in timed])
+    if fitted is not None and min(fitted) > 0:
+        return fitted  # type: ignore[return-value]
+    modelled = sum(model_seconds(COLD, row[:3]) for row in timed)
+    scale = sum(row[3] for row in timed) / modelled
+    return tuple(scale * c for c in COLD)  # type: ignore[return-value]
 
 
 # -- prompt tokens ------------------------------------------------------------------------
@@ -387,11 +395,21 @@ def prompt_model(records: list[dict[str, Any]], endpoint: str | None) -> tuple[f
 
 
 def estimate_run(shape: JobShape, history: Iterable[dict[str, Any]]) -> Estimate:
+    history = list(history)
     records = matching(history, shape)
+    pace_record = latest_pace(history, shape)
+    pace = pace_coefficients(pace_record)
+    engine = records[-1] if records else pace_record  # the engine's batch and KV cache
     if records:
-        coefficients = fit_coefficients(records)
+        coefficients = fit_coefficients(records, pace or COLD)
         plural = "s" if len(records) != 1 else ""
         basis = f"{len(records)} earlier job{plural} of {shape.model} on this machine"
+    elif pace is not None:
+        coefficients = pace
+        basis = (
+            f"no earlier jobs of {shape.model} on this machine: its engine's pace, "
+            "measured at its load"
+        )
     else:
         coefficients = COLD
         basis = f"no earlier jobs of {shape.model} on this machine: a cautious first guess"
@@ -401,94 +419,31 @@ def estimate_run(shape: JobShape, history: Iterable[dict[str, Any]]) -> Estimate
     caps = _caps(shape, cold=not sampled)
     curves = length_curves(records, shape, caps)
     requests = max(shape.requests, 1)
+    lengths: list[float] = []
     if shape.endpoint == EMBEDDINGS:
         completion, progress = 0.0, []
-        concurrency = concurrency_of(requests, records[-1] if records else None, prompt / requests)
+        concurrency = concurrency_of(requests, engine, prompt / requests)
         steps = requests / concurrency
     else:
         completion = sum(count * expected_length(curves[cap], cap) for cap, count in caps.items())
-        concurrency = concurrency_of(
-            requests, records[-1] if records else None, (prompt + completion) / requests
-        )
-        steps, progress = replay(planned_lengths(curves, caps), concurrency, requests)
+        concurrency = concurrency_of(requests, engine, (prompt + completion) / requests)
+        planned = planned_lengths(curves, caps)
+        steps, progress = replay(planned, concurrency, requests)
+        lengths = spread(planned, min(LENGTH_QUANTILES, len(planned)))
     seconds = model_seconds(coefficients, (completion, steps, prompt))
     return Estimate(
-        seconds, basis, len(records), prompt, completion, coefficients, concurrency, steps, progress
+        seconds,
+        basis,
+        len(records),
+        prompt,
+        completion,
+        coefficients,
+        concurrency,
+        steps,
+        progress,
+        lengths,
+        max((cap or shape.max_model_len for cap in shape.max_tokens), default=0),
     )
-
-
-# -- while a job runs ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Refined:
-    seconds_left: float
-    overrun: bool
-
-
-def steps_done(estimate: dict[str, Any], completion_done: float) -> float:
-    """The engine steps behind the completion tokens done so far, from the replayed job's
-    progress: early on the batch is full and each step makes many tokens, near the end few."""
-    completion = float(estimate.get("completion_tokens", 0))
-    steps = float(estimate.get("steps") or 0.0)
-    progress = estimate.get("progress") or [[0.0, 0.0], [1.0, 1.0]]
-    if completion <= 0 or steps <= 0:
-        return 0.0
-    share = completion_done / completion
-    if share >= 1.0:  # past the prediction: at the job's mean tokens a step
-        return steps + (completion_done - completion) / max(completion / steps, 1.0)
-    for (tokens_a, steps_a), (tokens_b, steps_b) in zip(progress, progress[1:]):
-        if share <= tokens_b:
-            within = (share - tokens_a) / (tokens_b - tokens_a) if tokens_b > tokens_a else 1.0
-            return steps * (steps_a + within * (steps_b - steps_a))
-    return steps
-
-
-def refine(
-    estimate: dict[str, Any],
-    elapsed: float,
-    prompt_done: float,
-    completion_done: float,
-    requests_done: int,
-    requests_total: int,
-) -> Refined:
-    """The time left, from the work the engine has actually done so far.
-
-    The engine's token counters include requests still in flight, so the pace is not biased
-    towards the short requests that finish first. Work is the time model's: the tokens done,
-    and the steps that made them, read off the replayed job's progress (so the tail, where
-    the batch empties and each step makes few tokens, is in what is left); what is left is
-    the predicted work less that, at the pace measured so far. When the job has already
-    generated more than predicted, the requests left are expected to run as long as the
-    ones so far (those in flight counted half done).
-    """
-    requests_left = max(requests_total - requests_done, 0)
-    if requests_left == 0:
-        return Refined(0.0, False)
-    coefficients = estimate.get("coefficients") or COLD
-    batch = max(float(estimate.get("concurrency") or DEFAULT_CONCURRENCY), 1.0)
-    completion = float(estimate.get("completion_tokens", 0))
-    prompt = float(estimate.get("prompt_tokens", 0))
-    steps = float(estimate.get("steps") or completion / batch)
-    done_steps = steps_done({**estimate, "steps": steps}, completion_done)
-    overrun = completion_done >= completion and completion_done > 0
-    if overrun:
-        in_flight = min(batch, requests_left)
-        per_request = completion_done / (requests_done + in_flight / 2)
-        completion = completion_done + per_request * (requests_left - in_flight / 2)
-        steps = done_steps + per_request * max(requests_left / batch, 1.0)
-    done = model_seconds(coefficients, (completion_done, done_steps, prompt_done))
-    total = model_seconds(coefficients, (completion, steps, prompt))
-    # The pace measured so far, leaning on the model's own (1) while little work is done.
-    prior = max(PRIOR_SHARE * total, 0.1)
-    pace = (max(elapsed, 0.0) + prior) / (done + prior)
-    left = (
-        max(completion - completion_done, 0.0),
-        min(max(steps - done_steps, 0.0), max(completion - completion_done, 0.0)),
-        max(prompt - prompt_done, 0.0),
-    )
-    # Requests are left, so the end is never now or in the past.
-    return Refined(max(pace * model_seconds(coefficients, left), 1.0), overrun)
 
 
 def load_seconds_for(model: str, history: Iterable[dict[str, Any]]) -> float:

@@ -15,6 +15,7 @@ import orjson
 from runner.durable import append_line_durably
 
 HISTORY = "benchmarks.jsonl"
+PACES = "paces.jsonl"  # what engines timed at their load: no jobs, so kept apart
 
 
 def _rate(amount: float, seconds: float) -> float:
@@ -41,6 +42,7 @@ def build_record(
     metadata: dict[str, Any] | None = None,
     completion_samples: list[list] | None = None,
     input_name: str | None = None,
+    runs: int = 1,
 ) -> dict[str, Any]:
     """Everything SPEC section 6 names, in one flat-enough dict."""
     total_tokens = prompt_tokens + completion_tokens
@@ -64,6 +66,9 @@ def build_record(
         "requested_max_tokens": requested_max_tokens,
         "load_seconds": round(load_seconds, 3),
         "run_seconds": round(run_seconds, 3),
+        # how many runs the job took: more than one after a stop, a crash or a full disk,
+        # with run_seconds their sum
+        "runs": runs,
         "throughput": {
             "requests_per_second": _rate(requests, run_seconds),
             "prompt_tokens_per_second": _rate(prompt_tokens, run_seconds),
@@ -82,12 +87,51 @@ def build_record(
     }
 
 
+def pace_record(
+    *, model: str, source: str, engine: dict[str, Any], pace: dict[str, Any], finished_at: str
+) -> dict[str, Any]:
+    """The pace an engine measured at its load (runner.pace), for the estimator until the
+    model has jobs of its own here. It is no job: it has no requests, tokens or run time."""
+    return {
+        "job_id": f"pace_{model}_{finished_at}",
+        "kind": "pace",
+        "finished_at": finished_at,
+        "model": model,
+        "source": source,
+        "hardware": engine.get("hardware"),
+        "engine_version": engine.get("engine_version"),
+        "engine_settings": engine.get("settings", {}),
+        "pace": pace,
+    }
+
+
+def knows_pace(state: Path, model: str) -> bool:
+    """Whether the state tells the model's pace here: a pace its engine timed, or a job (or
+    calibration) of it that ran something."""
+    if any(record.get("model") == model for record in read_paces(state)):
+        return True
+    return any(
+        record.get("model") == model
+        and record.get("run_seconds", 0) > 0
+        and (record.get("request_counts") or {}).get("completed", 0) > 0
+        for record in read_history(state)
+    )
+
+
 def append_history(state: Path, record: dict[str, Any]) -> None:
     append_line_durably(state / HISTORY, orjson.dumps(record))
 
 
-def read_history(state: Path) -> Iterator[dict[str, Any]]:
-    path = state / HISTORY
+def append_pace(state: Path, record: dict[str, Any]) -> None:
+    append_line_durably(state / PACES, orjson.dumps(record))
+
+
+def read_paces(state: Path) -> Iterator[dict[str, Any]]:
+    return read_history(state, PACES)
+
+
+def read_history(state: Path, name: str = HISTORY) -> Iterator[dict[str, Any]]:
+    path = state / name
     if not path.exists():
         return
     with open(path, "rb") as handle:

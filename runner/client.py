@@ -16,6 +16,7 @@ import time
 from typing import Protocol
 
 from runner.engines import load_engine
+from runner.pace import with_pace
 from runner.types import (
     Engine,
     EngineInfo,
@@ -92,7 +93,7 @@ class LocalClient:
         self.engine.close()
 
 
-def _child_main(spec: ModelSpec, connection) -> None:
+def _child_main(spec: ModelSpec, connection, pace: bool = False) -> None:
     # A process group of its own: vLLM's engine core and workers, started from here, join
     # it, and the parent ends the whole group once this process is gone (see _reap).
     os.setpgid(0, 0)
@@ -102,6 +103,8 @@ def _child_main(spec: ModelSpec, connection) -> None:
     os.environ.update(spec.environment)
     try:
         engine = load_engine(spec)
+        if pace:  # the engine's pace, timed before it takes work (runner.pace)
+            engine = with_pace(engine)
     except Exception as error:  # anything at load is reported to the parent in words
         connection.send(("failed", f"{type(error).__name__}: {error}", None))
         return
@@ -158,13 +161,13 @@ def _child_main(spec: ModelSpec, connection) -> None:
 class EngineProcess:
     """An engine in a child process, kept while jobs for its model follow."""
 
-    def __init__(self, spec: ModelSpec, load_timeout: float = 1800.0) -> None:
+    def __init__(self, spec: ModelSpec, load_timeout: float = 1800.0, pace: bool = False) -> None:
         context = multiprocessing.get_context("spawn")
         self.connection, child_end = context.Pipe()
         # Not a daemon: vLLM starts processes of its own, which a daemon may not. The child
         # still ends with this process: it reads end-of-file on the pipe and exits.
         self.process = context.Process(
-            target=_child_main, args=(spec, child_end), name=f"engine-{spec.alias}"
+            target=_child_main, args=(spec, child_end, pace), name=f"engine-{spec.alias}"
         )
         self.process.start()
         child_end.close()
@@ -178,10 +181,12 @@ class EngineProcess:
         while time.monotonic() < deadline:
             if self.connection.poll(0.5):
                 try:
-                    kind, payload, _ = self.connection.recv()
+                    kind, payload, counters = self.connection.recv()
                 except EOFError:
                     break
                 if kind == "ready":
+                    # Counted from here: a job's progress must not include the probe's tokens.
+                    self.latest_counters = counters
                     return payload
                 self.close()
                 raise EngineLoadError(f"model {self.spec.alias!r} failed to load: {payload}")

@@ -91,6 +91,8 @@ class EngineInfo:
     hardware: str
     load_seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
+    # its steps timed on a short probe right after the load (runner.pace), when asked for
+    pace: dict[str, Any] | None = None
 
 
 class RequestRejected(Exception):

@@ -24,12 +24,11 @@ from benchmarks.estimator import (
     fit_coefficients,
     model_seconds,
     record_features,
-    refine,
     replay,
-    steps_done,
     survival_curve,
 )
 from benchmarks.record import read_history
+from benchmarks.refine import refine, steps_done
 from watcher.cli import main
 from watcher.engines import EngineKeeper
 from watcher.jobqueue import plan_queue

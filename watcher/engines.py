@@ -4,11 +4,13 @@ replaced on a switch, and unloaded when idle so the GPU is free for other work."
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import structlog
 
 from runner.client import EngineClient, EngineProcess, LocalClient
 from runner.engines import load_engine
+from runner.pace import with_pace
 from runner.types import ModelSpec
 
 log = structlog.get_logger()
@@ -21,6 +23,9 @@ class EngineKeeper:
         self.spec: ModelSpec | None = None
         self.client: EngineClient | None = None
         self.last_used = time.monotonic()
+        # Whether a model's engine should time its pace at load (runner.pace): set by the
+        # owner of the benchmark history, for models it has nothing on.
+        self.wants_pace: Callable[[ModelSpec], bool] = lambda spec: False
 
     def client_for(self, spec: ModelSpec) -> tuple[EngineClient, float]:
         self.last_used = time.monotonic()
@@ -29,10 +34,12 @@ class EngineKeeper:
         self.close()
         started = time.monotonic()
         log.info("engine_loading", model=spec.alias, source=spec.source)
+        pace = self.wants_pace(spec)
         if self.in_process:
-            self.client = LocalClient(load_engine(spec))
+            engine = load_engine(spec)
+            self.client = LocalClient(with_pace(engine) if pace else engine)
         else:
-            self.client = EngineProcess(spec)
+            self.client = EngineProcess(spec, pace=pace)
         self.spec = spec
         seconds = time.monotonic() - started
         log.info("engine_loaded", model=spec.alias, seconds=round(seconds, 2))

@@ -6,17 +6,11 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
-from benchmarks.estimator import (
-    Estimate,
-    JobShape,
-    Refined,
-    estimate_run,
-    load_seconds_for,
-    refine,
-)
-from benchmarks.record import read_history
+from benchmarks.estimator import load_seconds_for
+from benchmarks.refine import Refined, refine
+from watcher.estimates import estimate_job, history
+from watcher.forecast import eta_basis
 from watcher.jobqueue import JobQueue, Planned, plan_queue
 from watcher.jobs import Job, write_eta, write_status
 from watcher.sidecars import now
@@ -36,38 +30,16 @@ ETA_REFRESH_SECONDS = 60.0
 ETA_SLACK_SECONDS = 5.0  # an expected finish that moved less than this is not rewritten
 
 
-def job_shape(job: Job, hardware: str | None = None) -> JobShape:
-    return JobShape(
-        model=job.model or "",
-        endpoint=job.endpoint,
-        requests=job.total,
-        prompt_chars=job.prompt_chars,
-        max_tokens={value: count for value, count in job.max_tokens},
-        hardware=hardware,
-    )
-
-
-def history(state: Path) -> list[dict[str, Any]]:
-    """The benchmark history the estimates rest on."""
-    return list(read_history(state))
-
-
-def estimate_job(job: Job, state: Path, hardware: str | None = None) -> Estimate:
-    return estimate_run(job_shape(job, hardware), history(state))
-
-
-def expected_load_seconds(model: str, state: Path) -> float:
-    """How long loading the model is expected to take, from its earlier loads here."""
-    return load_seconds_for(model, history(state))
-
-
 # -- the running job -----------------------------------------------------------------------
 
 
 def refined(running: Running) -> Refined | None:
-    """The running job's time left, from the tokens its engine has processed."""
+    """The running job's time left, from the tokens its engine has processed; None until
+    its engine's counters first move (the estimate before the run stands until then)."""
     progress = running.latest
     if running.run_started is None or progress is None or running.job.estimate is None:
+        return None
+    if running.counted_at is None:
         return None
     earlier_prompt, earlier_completion = running.earlier_tokens or (0, 0)
     return refine(
@@ -77,6 +49,9 @@ def refined(running: Running) -> Refined | None:
         earlier_completion + progress.engine_completion_tokens,
         running.job.completed + running.job.failed,
         running.job.total,
+        finished_completion=progress.tally.completion_tokens,
+        in_flight=progress.in_flight,
+        counted=running.counted_at - running.run_started,
     )
 
 
@@ -96,6 +71,8 @@ def write_running_eta(running: Running) -> None:
     better = refined(running)
     basis = (running.job.estimate or {}).get("basis", "no estimate")
     basis += f"; running, {round(100 * running.done)}% of requests done"
+    if better is None and running.run_started is not None:
+        basis += "; no engine counters yet, the estimate before the run less the time run"
     if better is not None:
         basis += ", refined from the tokens processed so far"
         if better.overrun:
@@ -104,15 +81,6 @@ def write_running_eta(running: Running) -> None:
 
 
 # -- the queue -----------------------------------------------------------------------------
-
-
-def queue_basis(job: Job, plan: Planned) -> str:
-    basis = (job.estimate or {}).get("basis", "no estimate")
-    parts = [basis]
-    parts.append(f"{plan.ahead} job{'s' if plan.ahead != 1 else ''} ahead in the queue")
-    if plan.load:
-        parts.append(f"includes loading {job.model}")
-    return "; ".join(parts)
 
 
 class QueueEtas:
@@ -154,6 +122,13 @@ class QueueEtas:
                 job.queue_position = position
                 self.show_eta(job, plan)
 
+    def estimate_again(self, queue: JobQueue) -> None:
+        """Estimate the queued jobs again from what the history has learnt meanwhile (the
+        pace of an engine just loaded); the next update shows the new ETAs."""
+        for job in queue:
+            job.estimate = estimate_job(job, self.state).as_dict()
+        self.changed = True
+
     def update_due(self) -> bool:
         if self.pass_unfinished:
             return True
@@ -191,6 +166,6 @@ class QueueEtas:
         stale = written is None or time.monotonic() - written >= ETA_REFRESH_SECONDS
         if not (force or moved or stale):
             return False
-        write_eta(job, plan.finish, queue_basis(job, plan))
+        write_eta(job, plan.finish, eta_basis(job, plan))
         self.eta_written[job.id] = time.monotonic()
         return True

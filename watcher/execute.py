@@ -22,6 +22,7 @@ from runner.types import EngineLoadError, ModelSpec
 from watcher.config import Config
 from watcher.deliver import RunTimes, deliver_job, take_tally
 from watcher.errors import CommandFailed
+from watcher.estimates import record_pace
 from watcher.jobs import Job, JobStatus, fail_job, mark_in_progress, write_status
 from watcher.spool import CRASHES, INPUT
 from watcher.validate import JobError, input_signature
@@ -60,6 +61,8 @@ class RunHooks:
     """How the caller learns of progress and asks a run to end early."""
 
     on_progress: Callable[[Job, Progress], None] = lambda job, progress: None
+    # the engine measured its pace at load; the job was estimated again from it
+    on_pace: Callable[[Job], None] = lambda job: None
     cancel_requested: Callable[[], bool] = lambda: False
     stop_requested: Callable[[], bool] = lambda: False
 
@@ -133,10 +136,13 @@ def run_engine(
         max_in_flight=config.max_in_flight,
     )
     crashes = CrashBook.load(job.work / CRASHES)
-    started = time.monotonic()
+    started = run_started = time.monotonic()
+    earlier_seconds = job.run_seconds  # of the runs before a stop or a crash
+    job.runs += 1
 
     def progress(update: Progress) -> None:
         _apply_progress(job, update, started)
+        job.run_seconds = earlier_seconds + times.run_seconds + time.monotonic() - run_started
         hooks.on_progress(job, update)
 
     def should_end() -> bool:
@@ -145,6 +151,9 @@ def run_engine(
     for attempt in range(ENGINE_RESTARTS + 1):
         client, load_seconds = _engine_for(engines, spec)
         times.load_seconds += load_seconds
+        if load_seconds and client.info.pace:
+            record_pace(job, config, client.info)
+            hooks.on_pace(job)
         times.engine = {
             "hardware": client.info.hardware,
             "engine_version": client.info.engine_version,
@@ -173,6 +182,7 @@ def run_engine(
             raise JobError(error.code, f"the input changed while it ran: {error.message}") from None
         finally:
             times.run_seconds += time.monotonic() - run_started
+            job.run_seconds = earlier_seconds + times.run_seconds
             journal.close()
     else:
         raise JobError(

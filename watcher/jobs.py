@@ -110,6 +110,10 @@ class Job:
     origin: str | None = None  # the file `batchbox run` was given, to resume a stopped run
     final: str | None = None  # how the job ends, set when finalizing starts
     input_signature: list[int] | None = None  # size, mtime and inode when it was validated
+    # Seconds the engine ran this job, over every run: a job resumed after a stop or a
+    # crash is recorded with its whole time, not its last run's (kept every status write).
+    run_seconds: float = 0.0
+    runs: int = 0
 
     @property
     def out(self) -> Path:
@@ -207,6 +211,8 @@ class JobRecord(msgspec.Struct, kw_only=True):
     origin: str | None = None
     final: str | None = None
     input_signature: list[int] | None = None
+    run_seconds: float = 0.0
+    runs: int = 0
 
 
 # The fields a record and a job share, by name; paths are strings in the record.

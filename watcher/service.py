@@ -23,6 +23,7 @@ from pathlib import Path
 
 import structlog
 
+from benchmarks.record import knows_pace
 from runner.durable import is_disk_trouble
 from runner.run import Progress
 from watcher.aside import set_aside
@@ -31,12 +32,8 @@ from watcher.deliver import deliver_job
 from watcher.diskwait import DiskWait
 from watcher.engines import EngineKeeper
 from watcher.errors import StartError
-from watcher.etas import (
-    QueueEtas,
-    estimate_job,
-    expected_load_seconds,
-    write_running_eta,
-)
+from watcher.estimates import estimate_job, expected_load_seconds
+from watcher.etas import QueueEtas, write_running_eta
 from watcher.inbox import Candidate, start_observer
 from watcher.inboxnames import is_regular, make_model_folders, remove_file
 from watcher.intake import Intake
@@ -62,6 +59,10 @@ class Service:
         self.outbox = config.folder("outbox")
         self.state = config.folder("state")
         self.engines = engines or EngineKeeper()
+        # A model the history knows nothing of has its engine's pace timed at its load;
+        # then every job waiting for it is estimated again.
+        self.engines.wants_pace = lambda spec: not knows_pace(self.state, spec.alias)
+        self.pace_measured = threading.Event()
         self.disk = DiskWait(self.state, config.min_free_bytes)
         self.intake = Intake(config, self.disk, self.take_job, self.cancel)
         self.queue = JobQueue()
@@ -150,6 +151,9 @@ class Service:
             self.recover_waiting_jobs()
         if self.running is None and not self.stopping.is_set() and self.disk.ready():
             self.start_next()
+        if self.pace_measured.is_set():
+            self.pace_measured.clear()
+            self.etas.estimate_again(self.queue)
         if self.etas.update_due():
             self.etas.update(self.queue, self.running, self.engines.model)
             self.status_line()
@@ -248,11 +252,14 @@ class Service:
             self.progress,
             self.stopping,
             lambda: self.intake.events.put(Candidate(self.inbox, "job-finished")),
+            on_pace=lambda job: self.pace_measured.set(),
         )
 
     def progress(self, running: Running, progress: Progress) -> None:
         running.note_progress(progress)
-        if time.monotonic() - running.last_status >= STATUS_SECONDS:
+        # The refined ETA is written as soon as the engine's counters first move.
+        first_counters = running.counters_moved(progress)
+        if first_counters or time.monotonic() - running.last_status >= STATUS_SECONDS:
             running.last_status = time.monotonic()
             write_running_eta(running)
             write_status(running.job)

@@ -33,6 +33,8 @@ class Running:
     done: float = 0.0  # the fraction of the job's requests done
     last_status: float = 0.0
     latest: Progress | None = None
+    counters: tuple[int, int] = (0, 0)  # the engine's token counters in this run, last seen
+    counted_at: float | None = None  # when they last moved; None until they first do
     # tokens of requests finished before a restart, which this run's engine did not count
     earlier_tokens: tuple[int, int] | None = None
     trouble: OSError | None = None  # the disk error that stopped it, to resume later
@@ -46,6 +48,17 @@ class Running:
         self.latest = progress
         self.done = (job.completed + job.failed) / job.total if job.total else 1.0
 
+    def counters_moved(self, progress: Progress) -> bool:
+        """Note the engine's counters; True the first time they move in this run. The first
+        counters come after the engine's first step, which on a CPU prefills thousands of
+        prompt tokens: seconds after the start."""
+        counters = (progress.engine_prompt_tokens, progress.engine_completion_tokens)
+        if counters == self.counters:
+            return False
+        first = self.counted_at is None
+        self.counters, self.counted_at = counters, time.monotonic()
+        return first
+
 
 def start_job(
     running: Running,
@@ -55,11 +68,13 @@ def start_job(
     on_progress: Callable[[Running, Progress], None],
     stopping: threading.Event,
     on_end: Callable[[], None],
+    on_pace: Callable[[Job], None] = lambda job: None,
 ) -> None:
     """Run the job on a thread of its own; `on_end` is called when the thread is done."""
     job = running.job
     hooks = RunHooks(
         on_progress=lambda job, progress: on_progress(running, progress),
+        on_pace=on_pace,
         cancel_requested=running.cancel.is_set,
         stop_requested=stopping.is_set,
     )

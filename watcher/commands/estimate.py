@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 from datetime import timedelta
 
+from benchmarks.record import read_history
 from watcher.commands.arguments import input_file, known_model
 from watcher.config import Config
 from watcher.errors import EXIT_OK, CommandFailed
-from watcher.etas import estimate_job
+from watcher.estimates import estimate_job
+from watcher.forecast import forecast_job
 from watcher.jobs import Job
 from watcher.sidecars import now
 from watcher.spool import spool_jobs
@@ -36,16 +38,23 @@ def show_estimate(args: argparse.Namespace, config: Config) -> int:
         validate_job(job, config, ticket_model, input_path=path)
     except JobError as error:
         raise CommandFailed(error.message) from None
-    result = estimate_job(job, config.folder("state"))
-    ahead = [job for job in spool_jobs(config.folder("state")) if not job.status.finished]
-    waiting = sum(float((other.estimate or {}).get("run_seconds", 0.0)) for other in ahead)
-    finish = now() + timedelta(seconds=round(waiting + result.run_seconds))
+    state = config.folder("state")
+    job.estimate = estimate_job(job, state).as_dict()
+    job.sequence = 1 << 62  # behind every job already queued at its priority
+    history = read_history(state)
+    forecast = forecast_job(job, spool_jobs(state), history, config.idle_unload_seconds)
     print(f"{path.name}: {job.total} requests on {job.model} ({job.endpoint})")
-    print(f"run time: about {format_seconds(result.run_seconds)}")
-    if ahead:
-        print(f"queue: {len(ahead)} job(s) ahead, about {format_seconds(waiting)}")
-    print(f"finished by: {finish.isoformat()} if dropped now")
-    print(f"basis: {result.basis}")
+    print(f"run time: about {format_seconds(forecast.run_seconds)}")
+    if forecast.plan.ahead:
+        waiting = forecast.seconds - forecast.run_seconds - forecast.load_seconds
+        running = "" if forecast.running_left is None else ", the running one included"
+        ahead = forecast.plan.ahead
+        print(f"queue: {ahead} job(s) ahead{running}, about {format_seconds(waiting)}")
+    if forecast.plan.load:
+        print(f"model load: about {format_seconds(forecast.load_seconds)}")
+    finish = now() + timedelta(seconds=round(forecast.seconds))
+    print(f"finished by: {finish.isoformat()} if dropped now ({round(forecast.seconds)} s)")
+    print(f"basis: {forecast.basis}")
     return EXIT_OK
 
 

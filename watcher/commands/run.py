@@ -18,7 +18,7 @@ from watcher.config import Config
 from watcher.deliver import deliver_job
 from watcher.engines import EngineKeeper
 from watcher.errors import EXIT_OK, CommandFailed
-from watcher.etas import estimate_job
+from watcher.estimates import estimate_job
 from watcher.execute import RunHooks, execute_job
 from watcher.jobs import Job, JobStatus, write_status
 from watcher.logs import configure_logging

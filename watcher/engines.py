@@ -3,13 +3,14 @@ replaced on a switch, and unloaded when idle so the GPU is free for other work."
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import structlog
 
-from runner.client import EngineClient, EngineProcess, LocalClient
+from runner.client import EngineClient, EngineProcess, LoadWatch, LocalClient
 from runner.engines import load_engine
-from runner.types import ModelSpec
+from runner.types import EngineLoadError, ModelSpec
 
 log = structlog.get_logger()
 
@@ -22,17 +23,36 @@ class EngineKeeper:
         self.client: EngineClient | None = None
         self.last_used = time.monotonic()
 
-    def client_for(self, spec: ModelSpec) -> tuple[EngineClient, float]:
+    def client_for(
+        self, spec: ModelSpec, watch: LoadWatch | None = None
+    ) -> tuple[EngineClient, float]:
+        """The engine for `spec` and the seconds spent loading it (0 when it was kept). A
+        load follows `watch` and raises what `EngineProcess` raises: LoadStopped,
+        EngineLoadDied, EngineLoadError."""
         self.last_used = time.monotonic()
         if self.client is not None and self.spec == spec and self._alive():
             return self.client, 0.0
         self.close()
         started = time.monotonic()
-        log.info("engine_loading", model=spec.alias, source=spec.source)
+        watch = watch or LoadWatch()
+
+        def loading(pid: int | None) -> None:
+            log.info("engine_loading", model=spec.alias, source=spec.source, pid=pid)
+            watch.on_start(pid)
+
         if self.in_process:
-            self.client = LocalClient(load_engine(spec))
+            loading(None)
+            watch.on_wait()
+            try:
+                self.client = LocalClient(load_engine(spec))
+            except EngineLoadError:
+                raise
+            except Exception as error:  # as the engine process reports it
+                raise EngineLoadError(
+                    f"model {spec.alias!r} failed to load: {type(error).__name__}: {error}"
+                ) from error
         else:
-            self.client = EngineProcess(spec)
+            self.client = EngineProcess(spec, watch=dataclasses.replace(watch, on_start=loading))
         self.spec = spec
         seconds = time.monotonic() - started
         log.info("engine_loaded", model=spec.alias, seconds=round(seconds, 2))

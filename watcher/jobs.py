@@ -109,6 +109,7 @@ class Job:
     origin: str | None = None  # the file `batchbox run` was given, to resume a stopped run
     final: str | None = None  # how the job ends, set when finalizing starts
     input_signature: list[int] | None = None  # size, mtime and inode when it was validated
+    loading_since: datetime | None = None  # while its model loads; not kept in the record
 
     @property
     def out(self) -> Path:
@@ -142,6 +143,8 @@ class Job:
             throughput=throughput,
             outbox=self.outbox,
             errors=self.errors,
+            engine="loading" if self.loading_since else None,
+            loading_since=self.loading_since,
             priority=self.priority,
             metadata=self.metadata,
         )

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from watcher.config import Config, ModelConfig
+from watcher.unitfile import stop_timeout_problem
 
 FOLDERS = ("inbox", "outbox", "state")
 
@@ -101,6 +102,9 @@ def check_machine(config: Config, say: Callable[[str], None]) -> list[str]:
         say(f"model {alias}: {'ready' if reason is None else 'not runnable here: ' + reason}")
         if reason is not None and alias == config.default_model:
             problems.append(f"the default model {alias} cannot run here: {reason}")
+    unit_problem = stop_timeout_problem(config)
+    if unit_problem:
+        say(f"warning: {unit_problem}")
     for problem in problems:
         say(f"problem: {problem}")
     return problems

@@ -28,6 +28,8 @@ class Running:
     cancel: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.monotonic)
     load_seconds: float = 0.0  # the expected model load before it runs, 0 when loaded
+    loading_began: float | None = None  # when the load of its model began, while it loads
+    load_basis: str = ""  # what the expected load rests on, in words
     run_started: float | None = None
     done: float = 0.0  # the fraction of the job's requests done
     last_status: float = 0.0
@@ -45,6 +47,12 @@ class Running:
         self.latest = progress
         self.done = (job.completed + job.failed) / job.total if job.total else 1.0
 
+    def note_loading(self, began: float) -> bool:
+        """Its model loads, since `began`; True when that load has just begun."""
+        new = self.loading_began != began
+        self.loading_began = began
+        return new
+
 
 def start_job(
     running: Running,
@@ -54,6 +62,7 @@ def start_job(
     on_progress: Callable[[Running, Progress], None],
     stopping: threading.Event,
     on_end: Callable[[], None],
+    on_loading: Callable[[Running, float], None] = lambda running, began: None,
 ) -> None:
     """Run the job on a thread of its own; `on_end` is called when the thread is done."""
     job = running.job
@@ -61,6 +70,7 @@ def start_job(
         on_progress=lambda job, progress: on_progress(running, progress),
         cancel_requested=running.cancel.is_set,
         stop_requested=stopping.is_set,
+        on_loading=lambda job, began: on_loading(running, began),
     )
 
     def work() -> None:

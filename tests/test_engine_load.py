@@ -9,6 +9,7 @@ long as the test needs, whatever the machine's speed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 from collections.abc import Iterator
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import assert_every_line_once
+import yaml
+from helpers import assert_every_line_once, shipped_config
 from servicekit import (
     Server,
     chat_file,
@@ -270,3 +272,80 @@ def test_a_model_that_cannot_load_fails_its_job_at_once_with_the_reason(
         assert site.server.events("engine_load_died") == []
     finally:
         site.stop()
+
+
+# -- vLLM's engine core killed while it loads ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("failed", "died"),
+    [("{'EngineCore_DP0': -9}", True), ("{'EngineCore_DP0': 1}", False)],
+)
+def test_a_vllm_engine_core_killed_at_load_is_a_death_and_one_that_failed_is_not(
+    failed: str, died: bool
+) -> None:
+    """vLLM's own words when its engine core process ends during the load (the format of
+    `vllm/v1/engine/utils.py`): a signal (the OOM killer) is worth another try, an exit
+    code (the core raised: bad weights, bad settings) is not."""
+    from runner.types import EngineLoadDied, EngineLoadError, ModelSpec
+    from runner.vllm_setup import load_failure
+
+    cause = RuntimeError(
+        "Engine core initialization failed. See root cause above. "
+        f"Failed core proc(s): {failed}"
+    )
+    try:
+        raise ValueError("the LLM could not be built") from cause
+    except ValueError as error:
+        failure = load_failure(ModelSpec("gemma", "/models/gemma"), error)
+    assert isinstance(failure, EngineLoadError)
+    assert isinstance(failure, EngineLoadDied) is died
+    if died:
+        assert "engine core" in str(failure) and "-9" in str(failure)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_a_real_engine_core_killed_while_it_loads_is_loaded_again(
+    tmp_path: Path, owned: Owned
+) -> None:
+    """On a GPU, vLLM's engine core runs in a process of its own and is what the OOM killer
+    picks; killed during the load, the job goes on with a second load."""
+    config_path = shipped_config(tmp_path, settle_seconds=0.3, stop_timeout_seconds=20)
+    data = yaml.safe_load(config_path.read_text())
+    data["models"]["smollm2-135m"]["environment"]["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    config_path.write_text(yaml.safe_dump(data))
+    server = Server(config_path)
+    try:
+        server.start()
+    finally:
+        if server.process is not None:
+            owned.add(server.process.pid)
+    try:
+        inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+        drop(inbox, "core.jsonl", chat_file(2, max_tokens=4))
+        wait_for(lambda: server.events("engine_loading"), 60, "the load to begin")
+        engine = psutil.Process(server.events("engine_loading")[0]["pid"])
+        owned.add(engine.pid)
+
+        def engine_core() -> psutil.Process | None:
+            for child in engine.children(recursive=True):
+                try:
+                    command = " ".join(child.cmdline())
+                except psutil.Error:
+                    continue
+                if "spawn_main" in command and "resource_tracker" not in command:
+                    return child
+            return None
+
+        core = wait_for(engine_core, 600, "vLLM's engine core to start")
+        core.kill()
+        wait_for(lambda: finished(inbox / "core.status", outbox), 900, "the job to end")
+        [died] = server.events("engine_load_died")
+        assert "engine core" in died["reason"] and "-9" in died["reason"], died
+        status = read_json(outbox / "core" / "status.json")
+        assert status["status"] == "completed", status
+        assert_every_line_once(outbox / "core" / "input.jsonl", outbox / "core")
+    finally:
+        if server.process.poll() is None:
+            server.terminate()

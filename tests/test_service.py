@@ -83,9 +83,13 @@ def run_order(harness: Harness) -> list[str]:
 
 
 def test_a_dropped_file_goes_through_every_state_to_the_outbox(tmp_path: Path) -> None:
-    # The model load keeps the job queued long enough for the watcher to see that state.
     slow_harness = start_service(tmp_path, engine={**SLOW, "fake_load_seconds": 0.3})
     try:
+        # A job ahead keeps it queued long enough for the watcher to see that state.
+        drop(slow_harness.inbox, "ahead.jsonl", chat_file(40))
+        slow_harness.run_until(
+            lambda: status_of(slow_harness.inbox / "ahead.status") == "in_progress", 10
+        )
         check_the_full_flow(slow_harness)
     finally:
         stop_service(slow_harness)

@@ -257,8 +257,9 @@ class Service:
         )
 
     def progress(self, running: Running, progress: Progress) -> None:
+        first = running.run_started is None  # the load is over: said at once
         running.note_progress(progress)
-        if time.monotonic() - running.last_status >= STATUS_SECONDS:
+        if first or time.monotonic() - running.last_status >= STATUS_SECONDS:
             running.last_status = time.monotonic()
             write_running_eta(running)
             write_status(running.job)

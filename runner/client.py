@@ -209,32 +209,20 @@ class EngineProcess:
         EngineLoadDied when the process ended without a word (a signal, the OOM killer),
         and EngineLoadError when the model reported it cannot load."""
         alias = self.spec.alias
-        watch.on_start(self.process.pid)
         deadline = time.monotonic() + timeout
+        self._follow(watch.on_start, self.process.pid)
         while True:
-            if watch.should_stop():
+            if self._follow(watch.should_stop):
                 self.close(0)
                 raise LoadStopped(f"the load of model {alias!r} was stopped")
-            watch.on_wait()
-            try:
-                if self.connection.poll(LOAD_POLL_SECONDS):
-                    kind, payload, _ = self.connection.recv()
-                    break
-            except (EOFError, OSError):
-                kind, payload = "ended", None  # it closed its end: it is gone, or going
-                break
-            if not self.process.is_alive():
-                # It may have said why just before it ended.
-                kind, payload = "ended", None
-                try:
-                    if self.connection.poll(0):
-                        kind, payload, _ = self.connection.recv()
-                except (EOFError, OSError):
-                    pass
+            self._follow(watch.on_wait)
+            message = self._receive(LOAD_POLL_SECONDS)
+            if message is not None:
                 break
             if time.monotonic() >= deadline:
                 self.close(0)
                 raise EngineLoadError(f"model {alias!r} did not load within {timeout:.0f} s")
+        kind, payload = message
         if kind == "ready":
             return payload
         if kind == "ended":
@@ -244,6 +232,34 @@ class EngineProcess:
         if kind == "failed":
             raise EngineLoadError(f"model {alias!r} failed to load: {payload}")
         raise EngineLoadDied(f"the engine for model {alias!r} died while loading ({payload})")
+
+    def _follow(self, call: Callable, *args: object) -> object:
+        """Call one of the watch's hooks; whatever it raises (a full disk under a sidecar),
+        the load does not linger."""
+        try:
+            return call(*args)
+        except BaseException:
+            self.close(0)
+            raise
+
+    def _receive(self, timeout: float) -> tuple[str, object] | None:
+        """The engine's word during its load, ("ended", None) once it is gone without
+        one, or None while it goes on loading."""
+        try:
+            if self.connection.poll(timeout):
+                kind, payload, _ = self.connection.recv()
+                return kind, payload
+        except (EOFError, OSError):
+            return "ended", None  # it closed its end: it is gone, or going
+        if self.process.is_alive():
+            return None
+        try:  # it may have said why just before it ended
+            if self.connection.poll(0):
+                kind, payload, _ = self.connection.recv()
+                return kind, payload
+        except (EOFError, OSError):
+            pass
+        return "ended", None
 
     @property
     def pid(self) -> int | None:

@@ -8,7 +8,7 @@ import time
 
 import structlog
 
-from runner.client import EngineClient, EngineProcess, LoadWatch, LocalClient
+from runner.client import EngineClient, EngineProcess, LoadStopped, LoadWatch, LocalClient
 from runner.engines import load_engine
 from runner.types import EngineLoadError, ModelSpec
 
@@ -33,8 +33,10 @@ class EngineKeeper:
         if self.client is not None and self.spec == spec and self._alive():
             return self.client, 0.0
         self.close()
-        started = time.monotonic()
         watch = watch or LoadWatch()
+        if watch.should_stop():
+            raise LoadStopped(f"the load of model {spec.alias!r} was stopped before it began")
+        started = time.monotonic()
 
         def loading(pid: int | None) -> None:
             log.info("engine_loading", model=spec.alias, source=spec.source, pid=pid)

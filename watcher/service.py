@@ -323,6 +323,8 @@ class Service:
         waiting = f"{len(self.queue)} queued" + (f", {settling} settling" if settling else "")
         if running is None:
             text = f"idle; {waiting}"
+        elif running.job.loading_since is not None:
+            text = f"loading {running.job.model} for {running.job.input_name}; {waiting}"
         else:
             job = running.job
             text = (

@@ -28,6 +28,11 @@ import structlog
 log = structlog.get_logger()
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SAY_SECONDS = 0.3  # what a forced stop may spend saying so
+# Once stopping, threads take turns this often (Python's default is every 5 ms): each step of
+# the stop is a few system calls, and each must not wait a whole turn behind a job thread
+# busy in Python code, which on a loaded machine added seconds to a stop.
+STOPPING_SWITCH_SECONDS = 0.0002
 _END = b"\0"  # not a signal number: tells the watching thread to end
 
 
@@ -105,13 +110,22 @@ class SignalStop:
                 if self.deadline is not None:
                     self._force(f"{signal.Signals(number).name} again while stopping")
                 self.deadline = time.monotonic() + self.timeout
+                sys.setswitchinterval(min(sys.getswitchinterval(), STOPPING_SWITCH_SECONDS))
                 self.requested.set()
                 log.info("stop_requested", signal=signal.Signals(number).name)
                 self.on_stop()
 
     def _force(self, reason: str) -> None:
-        log.warning("stop_forced", reason=reason)
         end_descendants()
+        # Said on a thread of its own, given a moment: a main thread blocked in a write to a
+        # full pipe holds the stream's lock, and the exit must not wait for it.
+        said = threading.Thread(target=self._say, args=(reason,), daemon=True)
+        said.start()
+        said.join(SAY_SECONDS)
+        os._exit(self.exit_status)
+
+    def _say(self, reason: str) -> None:
+        log.warning("stop_forced", reason=reason)
         if self.last_words:
             print(f"batchbox: {self.last_words}", file=sys.stderr)
         for stream in (sys.stdout, sys.stderr):
@@ -119,12 +133,13 @@ class SignalStop:
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        os._exit(self.exit_status)
 
 
 def end_descendants() -> None:
     """Kill every process this one started, and the process groups they lead (an engine
     process leads one, which vLLM's engine core joins)."""
+    # All of them are found before any is killed: the child of a killed process is handed
+    # to another parent and could no longer be found as ours.
     try:
         descendants = psutil.Process().children(recursive=True)
     except psutil.Error:

@@ -120,9 +120,7 @@ def _engine_for(
     LOAD_TRIES in all; a model that reports it cannot load fails the job at once. Raises
     LoadStopped when a stop or a cancel ends the load."""
 
-    began = time.monotonic()
-
-    def on_wait() -> None:
+    def on_wait() -> None:  # `began` is the current try's
         job.loading_since = job.loading_since or now()
         hooks.on_loading(job, began)
 

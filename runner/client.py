@@ -13,13 +13,18 @@ import queue
 import signal
 import threading
 import time
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psutil
 
 from runner.engines import load_engine
 from runner.pace import with_pace
 from runner.types import (
     Engine,
     EngineInfo,
+    EngineLoadDied,
     EngineLoadError,
     EngineOutput,
     EngineRequest,
@@ -28,12 +33,30 @@ from runner.types import (
 )
 
 COUNTERS_SECONDS = 0.5  # how often an engine that finishes nothing still reports progress
+LOAD_TIMEOUT_SECONDS = 1800.0
+LOAD_POLL_SECONDS = 0.5  # how often a load is asked whether to go on, and reported on
 
 
 class EngineDied(Exception):
     """The engine process ended while requests were in it."""
 
     in_engine: list[str] = []  # filled in by the runner: the requests the engine held
+
+
+class LoadStopped(Exception):
+    """The caller stopped a load (the service stops, the job was cancelled); the engine
+    process and everything it started are ended."""
+
+
+@dataclass
+class LoadWatch:
+    """How the one waiting for a load follows it: `on_start` gets the engine process's pid,
+    `on_wait` is called at once and then about every LOAD_POLL_SECONDS while the model
+    loads, and `should_stop` is asked as often."""
+
+    should_stop: Callable[[], bool] = lambda: False
+    on_wait: Callable[[], None] = lambda: None
+    on_start: Callable[[int], None] = lambda pid: None
 
 
 class EngineClient(Protocol):
@@ -105,6 +128,9 @@ def _child_main(spec: ModelSpec, connection, pace: bool = False) -> None:
         engine = load_engine(spec)
         if pace:  # the engine's pace, timed before it takes work (runner.pace)
             engine = with_pace(engine)
+    except EngineLoadDied as error:  # a process it started was killed: worth another try
+        connection.send(("died", str(error), None))
+        return
     except Exception as error:  # anything at load is reported to the parent in words
         connection.send(("failed", f"{type(error).__name__}: {error}", None))
         return
@@ -161,7 +187,13 @@ def _child_main(spec: ModelSpec, connection, pace: bool = False) -> None:
 class EngineProcess:
     """An engine in a child process, kept while jobs for its model follow."""
 
-    def __init__(self, spec: ModelSpec, load_timeout: float = 1800.0, pace: bool = False) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        load_timeout: float = LOAD_TIMEOUT_SECONDS,
+        watch: LoadWatch | None = None,
+        pace: bool = False,
+    ) -> None:
         context = multiprocessing.get_context("spawn")
         self.connection, child_end = context.Pipe()
         # Not a daemon: vLLM starts processes of its own, which a daemon may not. The child
@@ -174,29 +206,64 @@ class EngineProcess:
         self.spec = spec
         self.death: str | None = None  # why it ended, once that is known
         self.latest_counters = (0, 0)
-        self.info = self._wait_ready(load_timeout)
+        self.info = self._wait_ready(load_timeout, watch or LoadWatch())
 
-    def _wait_ready(self, timeout: float) -> EngineInfo:
+    def _wait_ready(self, timeout: float, watch: LoadWatch) -> EngineInfo:
+        """The loaded engine's info. Raises LoadStopped when the watch says stop,
+        EngineLoadDied when the process ended without a word (a signal, the OOM killer),
+        and EngineLoadError when the model reported it cannot load."""
+        alias = self.spec.alias
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.connection.poll(0.5):
-                try:
-                    kind, payload, counters = self.connection.recv()
-                except EOFError:
-                    break
-                if kind == "ready":
-                    # Counted from here: a job's progress must not include the probe's tokens.
-                    self.latest_counters = counters
-                    return payload
-                self.close()
-                raise EngineLoadError(f"model {self.spec.alias!r} failed to load: {payload}")
-            if not self.process.is_alive():
+        self._follow(watch.on_start, self.process.pid)
+        while True:
+            if self._follow(watch.should_stop):
+                self.close(0)
+                raise LoadStopped(f"the load of model {alias!r} was stopped")
+            self._follow(watch.on_wait)
+            message = self._receive(LOAD_POLL_SECONDS)
+            if message is not None:
                 break
-        self.close()
-        raise EngineLoadError(
-            f"the engine for model {self.spec.alias!r} ended while loading "
-            f"(exit code {self.process.exitcode})"
-        )
+            if time.monotonic() >= deadline:
+                self.close(0)
+                raise EngineLoadError(f"model {alias!r} did not load within {timeout:.0f} s")
+        kind, payload, counters = message
+        if kind == "ready":
+            # Counted from here: a job's progress must not include the pace probe's tokens.
+            self.latest_counters = counters
+            return payload
+        if kind == "ended":
+            self.process.join(5)
+            payload = _how_it_ended(self.process.exitcode)
+        self.close(0)
+        if kind == "failed":
+            raise EngineLoadError(f"model {alias!r} failed to load: {payload}")
+        raise EngineLoadDied(f"the engine for model {alias!r} died while loading ({payload})")
+
+    def _follow(self, call: Callable, *args: object) -> object:
+        """Call one of the watch's hooks; whatever it raises (a full disk under a sidecar),
+        the load does not linger."""
+        try:
+            return call(*args)
+        except BaseException:
+            self.close(0)
+            raise
+
+    def _receive(self, timeout: float) -> tuple[str, Any, Any] | None:
+        """The engine's word during its load (kind, payload, counters), ("ended", None,
+        None) once it is gone without one, or None while it goes on loading."""
+        try:
+            if self.connection.poll(timeout):
+                return self.connection.recv()
+        except (EOFError, OSError):
+            return "ended", None, None  # it closed its end: it is gone, or going
+        if self.process.is_alive():
+            return None
+        try:  # it may have said why just before it ended
+            if self.connection.poll(0):
+                return self.connection.recv()
+        except (EOFError, OSError):
+            pass
+        return "ended", None, None
 
     @property
     def pid(self) -> int | None:
@@ -227,7 +294,17 @@ class EngineProcess:
             raise EngineDied(self.ended())
         return outputs
 
-    def _reap(self) -> None:
+    def _descendants(self) -> list[psutil.Process]:
+        """What the engine process started and still holds, found while it runs: a process
+        that left its group (a session of its own) is found only this way."""
+        if self.process.exitcode is not None:
+            return []  # reaped: its pid may already be someone else's
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def _reap(self, descendants: list[psutil.Process] = ()) -> None:
         """End what the engine process left behind. vLLM's engine core, in a process of its
         own unless VLLM_ENABLE_V1_MULTIPROCESSING is 0, outlives a killed parent and keeps
         its GPU memory, so the next engine could not load; it is in this group."""
@@ -235,6 +312,22 @@ class EngineProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass  # nothing left in the group
+        for process in descendants:
+            try:
+                process.kill()  # psutil checks it is still the same process first
+            except psutil.Error:
+                pass  # ended meanwhile
+
+    def kill(self) -> None:
+        """End the engine process, its group and whatever it started, at once, from any
+        thread (the one that owns this client reaps it and closes the pipe)."""
+        descendants = self._descendants()
+        if self.process.exitcode is None:
+            try:
+                os.kill(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._reap(descendants)
 
     def ended(self) -> str:
         """Why the engine process is gone, once it is; what it left behind is ended too."""
@@ -255,7 +348,9 @@ class EngineProcess:
             pass  # a dead engine has nothing left to abort
 
     def close(self, timeout: float = 10.0) -> None:
-        if self.process.is_alive():
+        """Ask the engine to end, wait up to `timeout` seconds, then kill what is left."""
+        descendants = self._descendants()
+        if self.process.is_alive() and timeout > 0:
             try:
                 self.connection.send(("close", None))
             except (BrokenPipeError, OSError):
@@ -264,5 +359,16 @@ class EngineProcess:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(5)
-        self._reap()
+        self._reap(descendants)
         self.connection.close()
+
+
+def _how_it_ended(exit_code: int | None) -> str:
+    if exit_code is None:
+        return "it did not end in time"
+    if exit_code < 0:
+        try:
+            return f"killed by {signal.Signals(-exit_code).name}"
+        except ValueError:
+            return f"killed by signal {-exit_code}"
+    return f"exit code {exit_code}"

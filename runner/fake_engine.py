@@ -51,6 +51,9 @@ FAKE_ENGINE_OPTIONS = frozenset(
         "fake_crash_on",
         "fake_log_requests",
         "fake_helper_pidfile",
+        "fake_detached_pidfile",
+        "fake_load_gate",
+        "fake_load_error",
         "trust_remote_code",
     }
 )
@@ -67,11 +70,17 @@ class FakeEngine:
     - `fake_seconds_per_step` sleeps in every `step`, to make runs take time
     - `fake_batch` finishes at most this many requests per step (default 64)
     - `fake_load_seconds` sleeps at load
+    - `fake_load_gate`: a path; the load goes on until a file is there, so a test holds a
+      load for as long as it needs, whatever the machine's speed
+    - `fake_load_error`: the load fails with this message, as a model with bad weights or
+      settings does
     - `fake_crash_on`: a prompt containing this text kills the process (for crash tests)
     - `fake_log_requests`: a file to which the key of every request added is appended, so
       crash tests can count the requests that ran more than once
-    - `fake_helper_pidfile`: start a helper process at load, as vLLM starts its engine core,
-      and write its pid to this file
+    - `fake_helper_pidfile`: start a helper process when the load begins, as vLLM starts
+      its engine core, and write its pid to this file
+    - `fake_detached_pidfile`: the same with a helper in a session of its own, which a
+      signal to the engine's process group does not reach
     """
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -83,10 +92,16 @@ class FakeEngine:
         self.batch = int(options.get("fake_batch", 64))
         self.crash_on = options.get("fake_crash_on")
         self.request_log = options.get("fake_log_requests")
+        for option, detached in (("fake_helper_pidfile", False), ("fake_detached_pidfile", True)):
+            if options.get(option):
+                helper = subprocess.Popen(["sleep", "600"], start_new_session=detached)
+                Path(options[option]).write_text(str(helper.pid))
         time.sleep(float(options.get("fake_load_seconds", 0.0)))
-        if options.get("fake_helper_pidfile"):
-            helper = subprocess.Popen(["sleep", "600"])
-            Path(options["fake_helper_pidfile"]).write_text(str(helper.pid))
+        if options.get("fake_load_gate"):
+            while not Path(options["fake_load_gate"]).exists():
+                time.sleep(0.05)
+        if options.get("fake_load_error"):
+            raise RuntimeError(str(options["fake_load_error"]))
         self.spec = spec
         self.waiting: deque[tuple[EngineRequest, int]] = deque()
         self.prompt_tokens = 0

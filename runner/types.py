@@ -108,6 +108,12 @@ class EngineLoadError(Exception):
     """The model could not be loaded; the message says why in one sentence."""
 
 
+class EngineLoadDied(EngineLoadError):
+    """The load was cut short from outside (the engine process or a process it started was
+    killed, by the OOM killer or a signal), not refused by the model: worth another try,
+    where a model that reports it cannot load fails at once."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything an engine needs to load one configured model, as plain values."""

@@ -9,7 +9,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from runner.types import EngineLoadError, ModelSpec
+from runner.types import EngineLoadDied, EngineLoadError, ModelSpec
+
+# vLLM's engine core runs in a process of its own (unless VLLM_ENABLE_V1_MULTIPROCESSING is
+# 0). When that process is killed while the model loads, as the OOM killer does on a host
+# short of memory, vLLM says so with the core's exit code, negative for a signal:
+# "Engine core initialization failed. ... Failed core proc(s): {'EngineCore_DP0': -9}".
+CORE_KILLED = re.compile(r"Failed core proc\(s\): \{[^}]*:\s*-\d+")
 
 
 def load_llm(spec: ModelSpec) -> Any:
@@ -32,9 +38,24 @@ def load_llm(spec: ModelSpec) -> Any:
             str(Path(source).expanduser()) if _looks_like_path(source) else source, **options
         )
     except Exception as error:  # noqa: BLE001 - vLLM fails in many ways; all mean "no model"
-        raise EngineLoadError(
-            f"model {spec.alias!r} could not be loaded from {source}: {first_sentence(error)}"
-        ) from error
+        raise load_failure(spec, error) from error
+
+
+def load_failure(spec: ModelSpec, error: BaseException) -> EngineLoadError:
+    """What a failed load means: EngineLoadDied when vLLM's engine core was killed by a
+    signal (worth another try), else EngineLoadError (the model cannot load here)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        killed = CORE_KILLED.search(str(cause))
+        if killed:
+            return EngineLoadDied(
+                f"vLLM's engine core for model {spec.alias!r} was killed while it loaded "
+                f"({killed.group(0)}}})"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return EngineLoadError(
+        f"model {spec.alias!r} could not be loaded from {spec.source}: {first_sentence(error)}"
+    )
 
 
 def _looks_like_path(source: str) -> bool:

@@ -3,15 +3,16 @@ replaced on a switch, and unloaded when idle so the GPU is free for other work."
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
 import structlog
 
-from runner.client import EngineClient, EngineProcess, LocalClient
+from runner.client import EngineClient, EngineProcess, LoadStopped, LoadWatch, LocalClient
 from runner.engines import load_engine
 from runner.pace import with_pace
-from runner.types import ModelSpec
+from runner.types import EngineLoadError, ModelSpec
 
 log = structlog.get_logger()
 
@@ -27,19 +28,42 @@ class EngineKeeper:
         # owner of the benchmark history, for models it has nothing on.
         self.wants_pace: Callable[[ModelSpec], bool] = lambda spec: False
 
-    def client_for(self, spec: ModelSpec) -> tuple[EngineClient, float]:
+    def client_for(
+        self, spec: ModelSpec, watch: LoadWatch | None = None
+    ) -> tuple[EngineClient, float]:
+        """The engine for `spec` and the seconds spent loading it (0 when it was kept). A
+        load follows `watch` and raises what `EngineProcess` raises: LoadStopped,
+        EngineLoadDied, EngineLoadError."""
         self.last_used = time.monotonic()
         if self.client is not None and self.spec == spec and self._alive():
             return self.client, 0.0
         self.close()
+        watch = watch or LoadWatch()
+        if watch.should_stop():
+            raise LoadStopped(f"the load of model {spec.alias!r} was stopped before it began")
         started = time.monotonic()
-        log.info("engine_loading", model=spec.alias, source=spec.source)
+
+        def loading(pid: int | None) -> None:
+            log.info("engine_loading", model=spec.alias, source=spec.source, pid=pid)
+            watch.on_start(pid)
+
         pace = self.wants_pace(spec)
         if self.in_process:
-            engine = load_engine(spec)
-            self.client = LocalClient(with_pace(engine) if pace else engine)
+            loading(None)
+            watch.on_wait()
+            try:
+                engine = load_engine(spec)
+                self.client = LocalClient(with_pace(engine) if pace else engine)
+            except EngineLoadError:
+                raise
+            except Exception as error:  # as the engine process reports it
+                raise EngineLoadError(
+                    f"model {spec.alias!r} failed to load: {type(error).__name__}: {error}"
+                ) from error
         else:
-            self.client = EngineProcess(spec, pace=pace)
+            self.client = EngineProcess(
+                spec, watch=dataclasses.replace(watch, on_start=loading), pace=pace
+            )
         self.spec = spec
         seconds = time.monotonic() - started
         log.info("engine_loaded", model=spec.alias, seconds=round(seconds, 2))

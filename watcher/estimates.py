@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.estimator import Estimate, JobShape, estimate_run, load_seconds_for
+from benchmarks.estimator import RECENT, Estimate, JobShape, estimate_run, load_seconds_for
 from benchmarks.record import append_pace, pace_record, read_history, read_paces
 from runner.types import EngineInfo
 from watcher.config import Config
@@ -57,3 +57,19 @@ def record_pace(job: Job, config: Config, info: EngineInfo) -> None:
 def expected_load_seconds(model: str, state: Path) -> float:
     """How long loading the model is expected to take, from its earlier loads here."""
     return load_seconds_for(model, history(state))
+
+
+def expected_load(model: str, state: Path) -> tuple[float, str]:
+    """How long loading the model is expected to take, and what that rests on, in words."""
+    records = history(state)
+    seen = sum(
+        1
+        for record in records
+        if record.get("model") == model and record.get("load_seconds", 0) > 0
+    )
+    seconds = load_seconds_for(model, records)
+    if not seen:
+        return seconds, f"no load of {model} seen here yet: a cautious {seconds:.0f} s"
+    count = min(seen, RECENT)
+    median = "the one" if count == 1 else f"the median of the last {count}"
+    return seconds, f"its loads here take {seconds:.0f} s, {median}"

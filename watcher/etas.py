@@ -55,21 +55,40 @@ def refined(running: Running) -> Refined | None:
     )
 
 
+def load_left(running: Running) -> float:
+    """The seconds of its model's load still to come, by the model's earlier loads."""
+    began = running.started if running.loading_began is None else running.loading_began
+    return max(running.load_seconds - (time.monotonic() - began), 0.0)
+
+
 def running_left(running: Running) -> float:
     estimated = float((running.job.estimate or {}).get("run_seconds", 0.0))
     if running.run_started is None:  # still loading its model, or about to start
-        loading = max(running.load_seconds - (time.monotonic() - running.started), 0.0)
-        return estimated + loading
+        return estimated + load_left(running)
     better = refined(running)
     if better is None:
         return max(estimated - (time.monotonic() - running.run_started), 1.0)
     return better.seconds_left
 
 
+def loading_basis(running: Running) -> str:
+    model = running.job.model
+    left = load_left(running)
+    if left > 0:
+        return f"loading {model}, about {left:.0f} s left ({running.load_basis})"
+    return (
+        f"loading {model}, longer than expected ({running.load_basis}): the rest of the "
+        "load is not counted"
+    )
+
+
 def write_running_eta(running: Running) -> None:
     left = running_left(running)
     better = refined(running)
     basis = (running.job.estimate or {}).get("basis", "no estimate")
+    if running.job.loading_since is not None:
+        write_eta(running.job, left, f"{basis}; {loading_basis(running)}")
+        return
     basis += f"; running, {round(100 * running.done)}% of requests done"
     if better is None and running.run_started is not None:
         basis += "; no engine counters yet, the estimate before the run less the time run"

@@ -12,18 +12,19 @@ from typing import Protocol
 
 import structlog
 
-from runner.client import EngineClient, EngineDied
+from runner.client import EngineClient, EngineDied, LoadStopped, LoadWatch
 from runner.durable import is_disk_trouble, is_out_of_space
 from runner.engine_args import engine_problems
 from runner.journal import CrashBook, Journal
 from runner.lines import FileRejected
 from runner.run import Progress, RunOptions, run_lines
-from runner.types import EngineLoadError, ModelSpec
+from runner.types import EngineLoadDied, EngineLoadError, ModelSpec
 from watcher.config import Config
 from watcher.deliver import RunTimes, deliver_job, take_tally
 from watcher.errors import CommandFailed
 from watcher.estimates import record_pace
 from watcher.jobs import Job, JobStatus, fail_job, mark_in_progress, write_status
+from watcher.sidecars import now
 from watcher.spool import CRASHES, INPUT
 from watcher.validate import JobError, input_signature
 
@@ -31,6 +32,9 @@ from watcher.validate import JobError, input_signature
 # when it runs again.
 WAITING_CODES = ("disk_full", "disk_error")
 ENGINE_RESTARTS = 8  # engine deaths one job survives; each poison request costs three
+# Loads a job tries when they are cut short from outside (the OOM killer, a signal); a model
+# that reports it cannot load fails the job at the first.
+LOAD_TRIES = 3
 
 log = structlog.get_logger()
 
@@ -52,19 +56,24 @@ class DiskTrouble(CommandFailed):
 
 
 class EngineProvider(Protocol):
-    def client_for(self, spec: ModelSpec) -> tuple[EngineClient, float]:
+    def client_for(
+        self, spec: ModelSpec, watch: LoadWatch | None = None
+    ) -> tuple[EngineClient, float]:
         """A client for the model's engine and the seconds spent loading it (0 if kept)."""
 
 
 @dataclass
 class RunHooks:
-    """How the caller learns of progress and asks a run to end early."""
+    """How the caller learns of progress and asks a run to end early. `on_loading` is
+    called about twice a second while the job's model loads (`job.loading_since` set),
+    with the monotonic time that load began."""
 
     on_progress: Callable[[Job, Progress], None] = lambda job, progress: None
     # the engine measured its pace at load; the job was estimated again from it
     on_pace: Callable[[Job], None] = lambda job: None
     cancel_requested: Callable[[], bool] = lambda: False
     stop_requested: Callable[[], bool] = lambda: False
+    on_loading: Callable[[Job, float], None] = lambda job, began: None
 
 
 def execute_job(
@@ -108,14 +117,47 @@ def _apply_progress(job: Job, progress: Progress, run_started: float) -> None:
         job.requests_per_second = (tally.completed + tally.failed) / elapsed
 
 
-def _engine_for(engines: EngineProvider, spec: ModelSpec) -> tuple[EngineClient, float]:
+def _engine_for(
+    engines: EngineProvider, spec: ModelSpec, job: Job, hooks: RunHooks
+) -> tuple[EngineClient, float]:
+    """The engine for the job's model. A load cut short from outside is tried again, up to
+    LOAD_TRIES in all; a model that reports it cannot load fails the job at once. Raises
+    LoadStopped when a stop or a cancel ends the load."""
     problems = engine_problems(spec.alias, spec.backend, spec.engine)
     if problems:  # a load that cannot succeed is not started
         raise JobError("invalid_engine_settings", " ".join(problems))
-    try:
-        return engines.client_for(spec)
-    except EngineLoadError as error:
-        raise JobError("model_load_failed", str(error)) from None
+
+    def on_wait() -> None:  # `began` is the current try's
+        job.loading_since = job.loading_since or now()
+        hooks.on_loading(job, began)
+
+    watch = LoadWatch(
+        should_stop=lambda: hooks.cancel_requested() or hooks.stop_requested(), on_wait=on_wait
+    )
+    died: EngineLoadDied | None = None
+    for attempt in range(1, LOAD_TRIES + 1):
+        began = time.monotonic()
+        try:
+            engine = engines.client_for(spec, watch)
+        except EngineLoadDied as error:
+            died = error
+            log.warning(
+                "engine_load_died",
+                job=job.id,
+                model=spec.alias,
+                attempt=attempt,
+                tries=LOAD_TRIES,
+                reason=str(error),
+            )
+            continue
+        except EngineLoadError as error:
+            raise JobError("model_load_failed", str(error)) from None
+        finally:
+            loaded, job.loading_since = job.loading_since is not None, None
+        if loaded:
+            write_status(job)  # no longer loading: said at once, not at the next refresh
+        return engine
+    raise JobError("model_load_failed", f"{died}; the load was tried {LOAD_TRIES} times")
 
 
 def run_engine(
@@ -149,7 +191,16 @@ def run_engine(
         return hooks.cancel_requested() or hooks.stop_requested()
 
     for attempt in range(ENGINE_RESTARTS + 1):
-        client, load_seconds = _engine_for(engines, spec)
+        if attempt == 0:
+            # In progress from the moment its engine is sought: a load is work for this job,
+            # and a polling script sees `"engine": "loading"` meanwhile.
+            job.errors = [error for error in job.errors if error.get("code") not in WAITING_CODES]
+            mark_in_progress(job)
+        try:
+            client, load_seconds = _engine_for(engines, spec, job, hooks)
+        except LoadStopped:
+            # Nothing ran: a cancelled job is delivered as such, a stopped one resumes.
+            return JobStatus.CANCELLED if hooks.cancel_requested() else None
         times.load_seconds += load_seconds
         if load_seconds and client.info.pace:
             record_pace(job, config, client.info)
@@ -160,8 +211,6 @@ def run_engine(
             "settings": {**client.info.settings, "max_in_flight": config.max_in_flight},
         }
         if attempt == 0:
-            job.errors = [error for error in job.errors if error.get("code") not in WAITING_CODES]
-            mark_in_progress(job)
             started = time.monotonic()
         run_started = time.monotonic()
         journal = Journal(job.out)

@@ -114,6 +114,7 @@ class Job:
     # crash is recorded with its whole time, not its last run's (kept every status write).
     run_seconds: float = 0.0
     runs: int = 0
+    loading_since: datetime | None = None  # while its model loads; not kept in the record
 
     @property
     def out(self) -> Path:
@@ -147,6 +148,8 @@ class Job:
             throughput=throughput,
             outbox=self.outbox,
             errors=self.errors,
+            engine="loading" if self.loading_since else None,
+            loading_since=self.loading_since,
             priority=self.priority,
             metadata=self.metadata,
         )

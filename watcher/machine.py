@@ -14,6 +14,7 @@ from pathlib import Path
 
 from runner.engine_args import engine_problems, version_note
 from watcher.config import Config, ModelConfig
+from watcher.unitfile import stop_timeout_problem
 
 FOLDERS = ("inbox", "outbox", "state")
 
@@ -135,6 +136,9 @@ def check_machine(config: Config, say: Callable[[str], None]) -> list[str]:
         if reason is not None and alias == config.default_model:
             problems.append(f"the default model {alias} cannot run here: {reason}")
         problems += engine_problems(alias, model.backend, config.model_spec(alias).engine)
+    unit_problem = stop_timeout_problem(config)
+    if unit_problem:
+        say(f"warning: {unit_problem}")
     for problem in problems:
         say(f"problem: {problem}")
     return problems

@@ -32,7 +32,7 @@ from watcher.deliver import deliver_job
 from watcher.diskwait import DiskWait
 from watcher.engines import EngineKeeper
 from watcher.errors import StartError
-from watcher.estimates import estimate_job, expected_load_seconds
+from watcher.estimates import estimate_job, expected_load, expected_load_seconds
 from watcher.etas import QueueEtas, write_running_eta
 from watcher.inbox import Candidate, start_observer
 from watcher.inboxnames import is_regular, make_model_folders, remove_file
@@ -50,6 +50,10 @@ log = structlog.get_logger()
 
 STATUS_SECONDS = 5.0  # sidecars of a running job are rewritten at least this often
 SWEEP_SECONDS = 60.0
+# Shares of stop_timeout_seconds, from the stop being asked for: until then the running job
+# may stop by itself; until then the engine may close by itself; it is killed after that.
+STOP_JOB_SHARE = 0.6
+STOP_ENGINE_SHARE = 0.9
 
 
 class Service:
@@ -69,6 +73,7 @@ class Service:
         self.etas = QueueEtas(self.state)
         self.running: Running | None = None
         self.stopping = threading.Event()
+        self.stop_asked: float | None = None
         self.observer = None
         self.last_sweep = 0.0
         self.last_watchdog = 0.0
@@ -91,20 +96,31 @@ class Service:
         log.info("service_ready", inbox=str(self.inbox), queued=len(self.queue))
 
     def stop(self) -> None:
+        """Ask the loop to stop; safe from any thread, and from a signal handler."""
+        self.stop_asked = self.stop_asked or time.monotonic()
         self.stopping.set()
 
     def shutdown(self) -> None:
-        """Stop the running job where it is (it resumes at the next start) and the engine."""
+        """Stop the running job where it is (it resumes at the next start) and the engine,
+        within stop_timeout_seconds of the stop being asked for. A model load is abandoned
+        (the job sees the stop within half a second); a job that is still delivering when its
+        share is up finishes at the next start, as after a crash."""
         notify("STOPPING=1")
-        self.stopping.set()
+        self.stop()
+        asked = self.stop_asked or time.monotonic()
+
+        def left(share: float) -> float:
+            end = asked + share * self.config.stop_timeout_seconds
+            return max(end - time.monotonic(), 0.0)
+
         if self.running is not None:
-            self.running.thread.join(self.config.stop_timeout_seconds * 0.6)
+            self.running.thread.join(left(STOP_JOB_SHARE))
             self.collect_finished_job()
         if self.observer is not None:
             self.observer.stop()
-            self.observer.join(2)
-        self.engines.close(timeout=self.config.stop_timeout_seconds * 0.3)
-        log.info("service_stopped")
+            self.observer.join(min(left(STOP_ENGINE_SHARE), 2.0))
+        self.engines.close(timeout=left(STOP_ENGINE_SHARE))
+        log.info("service_stopped", seconds=round(time.monotonic() - asked, 2))
 
     def serve_forever(self) -> None:
         self.start()
@@ -253,13 +269,28 @@ class Service:
             self.stopping,
             lambda: self.intake.events.put(Candidate(self.inbox, "job-finished")),
             on_pace=lambda job: self.pace_measured.set(),
+            on_loading=self.loading,
         )
 
     def progress(self, running: Running, progress: Progress) -> None:
+        first = running.run_started is None  # the load is over: said at once
         running.note_progress(progress)
-        # The refined ETA is written as soon as the engine's counters first move.
+        # Written at once when the load is over, and as soon as the engine's counters first
+        # move (the refined ETA); else every STATUS_SECONDS.
         first_counters = running.counters_moved(progress)
-        if first_counters or time.monotonic() - running.last_status >= STATUS_SECONDS:
+        if first or first_counters or time.monotonic() - running.last_status >= STATUS_SECONDS:
+            running.last_status = time.monotonic()
+            write_running_eta(running)
+            write_status(running.job)
+
+    def loading(self, running: Running, began: float) -> None:
+        """The running job's model loads (on the worker thread): its sidecars say so when the
+        load begins and at least every STATUS_SECONDS, the `.eta` counting the rest of it."""
+        if running.note_loading(began):
+            model = running.job.model or ""
+            running.load_seconds, running.load_basis = expected_load(model, self.state)
+            running.last_status = 0.0
+        if time.monotonic() - running.last_status >= STATUS_SECONDS:
             running.last_status = time.monotonic()
             write_running_eta(running)
             write_status(running.job)
@@ -320,6 +351,8 @@ class Service:
         waiting = f"{len(self.queue)} queued" + (f", {settling} settling" if settling else "")
         if running is None:
             text = f"idle; {waiting}"
+        elif running.job.loading_since is not None:
+            text = f"loading {running.job.model} for {running.job.input_name}; {waiting}"
         else:
             job = running.job
             text = (

@@ -50,9 +50,14 @@ def status_document(
     throughput: tuple[float, float] | None = None,
     outbox: str | None = None,
     errors: list[dict[str, Any]] | None = None,
+    engine: str | None = None,
+    loading_since: datetime | None = None,
     **more: Any,
 ) -> dict[str, Any]:
-    """A `.status` document in SPEC section 4's format; `more` adds keys after those."""
+    """A `.status` document in SPEC section 4's format; `more` adds keys after those.
+
+    `engine` is "loading" while the job's model loads (since `loading_since`), else null:
+    a load can take minutes, and the job is in progress all along."""
     total, completed, failed = counts
     return {
         "id": id,
@@ -76,6 +81,8 @@ def status_document(
         },
         "outbox": outbox,
         "errors": errors or [],
+        "engine": engine,
+        "loading_since": iso(loading_since),
         **more,
     }
 

@@ -29,6 +29,8 @@ class Running:
     cancel: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.monotonic)
     load_seconds: float = 0.0  # the expected model load before it runs, 0 when loaded
+    loading_began: float | None = None  # when the load of its model began, while it loads
+    load_basis: str = ""  # what the expected load rests on, in words
     run_started: float | None = None
     done: float = 0.0  # the fraction of the job's requests done
     last_status: float = 0.0
@@ -59,6 +61,12 @@ class Running:
         self.counters, self.counted_at = counters, time.monotonic()
         return first
 
+    def note_loading(self, began: float) -> bool:
+        """Its model loads, since `began`; True when that load has just begun."""
+        new = self.loading_began != began
+        self.loading_began = began
+        return new
+
 
 def start_job(
     running: Running,
@@ -69,6 +77,7 @@ def start_job(
     stopping: threading.Event,
     on_end: Callable[[], None],
     on_pace: Callable[[Job], None] = lambda job: None,
+    on_loading: Callable[[Running, float], None] = lambda running, began: None,
 ) -> None:
     """Run the job on a thread of its own; `on_end` is called when the thread is done."""
     job = running.job
@@ -77,6 +86,7 @@ def start_job(
         on_pace=on_pace,
         cancel_requested=running.cancel.is_set,
         stop_requested=stopping.is_set,
+        on_loading=lambda job, began: on_loading(running, began),
     )
 
     def work() -> None:

@@ -45,12 +45,13 @@ def calibrate(model: str, config: Config) -> int:
         path.write_bytes(calibration_lines(endpoint))
         job = validated_run_job(config, path, model, outbox)
     job.metadata = {**job.metadata, "calibration": True}
-    stop = stop_on_signals()
     engines = EngineKeeper()
-    try:
-        target = execute_job(job, config, engines, outbox, RunHooks(stop_requested=stop.is_set))
-    finally:
-        engines.close()
+    with stop_on_signals(config) as stop:
+        try:
+            hooks = RunHooks(stop_requested=stop.is_set)
+            target = execute_job(job, config, engines, outbox, hooks)
+        finally:
+            engines.close(timeout=stop.seconds_left(otherwise=10.0) / 2)
     if target is None:
         # Nothing to resume: a calibration is only worth it whole.
         shutil.rmtree(job.work, ignore_errors=True)

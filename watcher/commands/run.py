@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,13 +15,14 @@ from watcher.commands.arguments import input_file, known_model
 from watcher.config import Config
 from watcher.deliver import deliver_job
 from watcher.engines import EngineKeeper
-from watcher.errors import EXIT_OK, CommandFailed
+from watcher.errors import EXIT_FAILED, EXIT_OK, CommandFailed
 from watcher.estimates import estimate_job
 from watcher.execute import RunHooks, execute_job
 from watcher.jobs import Job, JobStatus, write_status
 from watcher.logs import configure_logging
 from watcher.owner import hold_for_command
 from watcher.spool import INPUT, RUNS, new_spool_job, spool_jobs
+from watcher.stopping import SignalStop
 from watcher.tickets import find_ticket, read_ticket_into
 from watcher.validate import check_job
 
@@ -49,15 +48,15 @@ def run_locked(config: Config, path: Path, model: str | None, outbox: Path) -> i
         log.info("job_resumed", job=job.id, done=job.completed + job.failed, total=job.total)
     else:
         job = validated_run_job(config, path, model, outbox)
-    stop = stop_on_signals()
     bar = ProgressBar(job.total)
-    hooks = RunHooks(on_progress=bar.update, stop_requested=stop.is_set)
     engines = EngineKeeper()
-    try:
-        target = execute_job(job, config, engines, outbox, hooks)
-    finally:
-        bar.close()
-        engines.close()
+    with stop_on_signals(config) as stop:
+        hooks = RunHooks(on_progress=bar.update, stop_requested=stop.is_set)
+        try:
+            target = execute_job(job, config, engines, outbox, hooks)
+        finally:
+            bar.close()
+            engines.close(timeout=stop.seconds_left(otherwise=10.0) / 2)
     if target is None:
         raise CommandFailed(
             f"stopped with {job.completed + job.failed} of {job.total} requests done; "
@@ -70,12 +69,14 @@ def run_locked(config: Config, path: Path, model: str | None, outbox: Path) -> i
     return EXIT_OK
 
 
-def stop_on_signals() -> threading.Event:
-    """SIGINT and SIGTERM stop the run where it is, keeping what is done."""
-    stop = threading.Event()
-    for signal_number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signal_number, lambda *_: stop.set())
-    return stop
+def stop_on_signals(config: Config) -> SignalStop:
+    """SIGINT and SIGTERM stop the run where it is, keeping what is done, within the
+    config's stop_timeout_seconds (a second signal ends it at once)."""
+    return SignalStop(
+        config.stop_timeout_seconds,
+        exit_status=EXIT_FAILED,
+        last_words="stopped; what was done is kept: run the same file again to resume",
+    )
 
 
 def prepare_run_job(config: Config, path: Path, model: str | None) -> tuple[Job, str | None]:

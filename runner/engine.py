@@ -37,10 +37,11 @@ class ModelSpec:
 
     alias: str
     source: str
-    backend: str = "vllm"  # "vllm" or "fake"
+    backend: str = "vllm"  # "vllm", "fake", or "ray" (replicas of one of the others)
     runner: str = "generate"  # "generate" or "pooling"
     engine: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
+    ray: dict[str, Any] = field(default_factory=dict)  # backend "ray": runner.ray_cluster
 
 
 class Engine(Protocol):
@@ -70,6 +71,10 @@ def load_engine(spec: ModelSpec) -> Engine:
         from runner.vllm_engine import VllmEngine
 
         return VllmEngine(spec)
+    if spec.backend == "ray":
+        from runner.ray_engine import RayEngine
+
+        return RayEngine(spec)
     raise EngineLoadError(f"model {spec.alias!r} names an unknown backend {spec.backend!r}")
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from watcher.config import Config, ModelConfig
+from watcher.ray_config import replicas_view
 
 FOLDERS = ("inbox", "outbox", "state")
 
@@ -66,6 +67,10 @@ def _hub_cached(model_id: str) -> bool:
 
 def model_problem(config: Config, alias: str, model: ModelConfig, gpu: str | None) -> str | None:
     """Why a model cannot run on this machine, or None when it can."""
+    if model.backend == "ray":
+        problem, model = replicas_view(model)
+        if problem:
+            return problem
     if model.needs_gpu and gpu is None:
         return "needs a GPU, and this machine has none"
     if model.backend == "fake":

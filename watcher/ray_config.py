@@ -47,9 +47,7 @@ class RayConfig(BaseModel):
             )
         match = _HOST_PORT.match(address)
         if match is None or not 0 < int(match.group(2)) < 65536:
-            raise ValueError(
-                f"{address!r} is not 'local', 'auto' or a cluster address host:port"
-            )
+            raise ValueError(f"{address!r} is not 'local', 'auto' or a cluster address host:port")
         return address
 
 

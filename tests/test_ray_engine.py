@@ -26,7 +26,7 @@ from servicekit import (
 )
 
 from runner.client import LocalClient
-from runner.engine import EngineLoadError, FakeEngine, ModelSpec, load_engine
+from runner.engine import EngineLoadError, FakeEngine, ModelSpec
 from runner.journal import Journal
 from runner.lines import Limits
 from runner.run import RunOptions, run_lines, scan_file
@@ -77,9 +77,7 @@ def engine(local_ray: None, requests_log: Path) -> Iterator[RayEngine]:
     engine.close()
 
 
-def run_file(
-    path: Path, out: Path, client: Any, max_in_flight: int = 16, **hooks: Any
-) -> Journal:
+def run_file(path: Path, out: Path, client: Any, max_in_flight: int = 16, **hooks: Any) -> Journal:
     summary = scan_file(path, Limits())
     # Progress after every line, so that the tests below act on exact counts.
     options = RunOptions(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -28,7 +29,9 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m"
-ON_RAY = {"address": "local", "concurrency": 1, "num_cpus": 1}
+# The replica gets the machine's cores: Ray sets its OMP_NUM_THREADS to its num_cpus, and
+# the local engine's torch uses every core, so both sum in the same order.
+ON_RAY = {"address": "local", "concurrency": 1, "num_cpus": os.cpu_count() or 1}
 COLORS = {"red", "blue", "green", "yellow", "orange", "purple", "black", "white", "pink"}
 
 

@@ -46,6 +46,7 @@ WAIT_SECONDS = 0.1  # a step waits at most this for the replicas, so new request
 ADVANCE_SECONDS = 0.5  # a replica steps at most this long before it answers with nothing
 CALLS_AHEAD = 2  # advance calls queued at each replica, so it never waits for the driver
 LOAD_SECONDS = 1800.0  # a replica that has not loaded by then is given up on
+PING_SECONDS = 30.0  # how long a replica idle until now has to answer before work resumes
 CLOSE_SECONDS = 10.0
 
 
@@ -94,6 +95,7 @@ class RayEngine:
         self.solo_deaths: dict[str, int] = {}
         self.finished: list[EngineOutput] = []
         self.retired = (0, 0)  # the counters of replicas that died
+        self.idle = False  # nothing was running at the end of the last step
         try:
             check_resources(self.settings, spec.alias)
             self.actor = ray.remote(Replica).options(
@@ -106,7 +108,7 @@ class RayEngine:
                 self._start(slot)
             while not all(slot.live for slot in self.slots):
                 self._collect(1.0)
-                self._check_loading()
+                self._check_loading(every=True)
         except BaseException:
             self.close()
             raise
@@ -132,7 +134,10 @@ class RayEngine:
         self.backlog.append(request)
 
     def step(self) -> list[EngineOutput]:
-        self._check_loading()
+        if self.idle:
+            self._check_idle_replicas()
+            self.idle = False
+        self._check_loading(every=False)
         self._place_suspects()
         self._place_backlog()
         for slot in self.slots:
@@ -141,6 +146,7 @@ class RayEngine:
                 slot.advancing += 1
         self._collect(WAIT_SECONDS)
         outputs, self.finished = self.finished, []
+        self.idle = not self.has_unfinished()
         return outputs
 
     def has_unfinished(self) -> bool:
@@ -202,20 +208,40 @@ class RayEngine:
         slot.advancing = 0
         self._call(slot, "load", self.inner)
 
-    def _check_loading(self) -> None:
+    def _check_loading(self, every: bool) -> None:
+        """At load every replica must come up in time; later the engine carries on with the
+        replicas it has while one is replaced (its node may be gone), and gives up only
+        when none has been live for that long."""
+        late = [
+            slot
+            for slot in self.slots
+            if not slot.live and time.monotonic() - slot.started > self.load_seconds
+        ]
+        if late and (every or not any(slot.live for slot in self.slots)):
+            raise self._load_error(
+                f"a Ray replica was not placed and loaded within {self.load_seconds:g} s"
+            )
+
+    def _check_idle_replicas(self) -> None:
+        """Before work resumes, replace the replicas that died while idle (a GPU box switched
+        off overnight), so that no request is sent to a dead one and made a suspect."""
+        pings = []
         for slot in self.slots:
-            if not slot.live and time.monotonic() - slot.started > self.load_seconds:
-                raise self._load_error(
-                    f"a Ray replica was not placed and loaded within {self.load_seconds:g} s"
-                )
+            if slot.live and not slot.assigned:
+                pings.append(self._call(slot, "advance", 0.0))
+                slot.advancing += 1
+        deadline = time.monotonic() + PING_SECONDS
+        while any(ping in self.calls for ping in pings) and time.monotonic() < deadline:
+            self._collect(WAIT_SECONDS)
 
     def _load_error(self, why: str) -> Exception:
         message = f"model {self.spec.alias!r} could not run on Ray: {why}"
         return ReplicaLost(message) if hasattr(self, "info") else EngineLoadError(message)
 
-    def _call(self, slot: _Slot, method: str, argument: Any) -> None:
+    def _call(self, slot: _Slot, method: str, argument: Any) -> Any:
         reference = getattr(slot.handle, method).remote(argument)
         self.calls[reference] = (slot, slot.generation, method)
+        return reference
 
     def _collect(self, timeout: float) -> None:
         """Take every answer that is in, waiting up to `timeout` for the first."""

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from helpers import CHAT, assert_every_line_once, chat_line, read_jsonl, write_jsonl
 from servicekit import (
@@ -183,6 +184,34 @@ def test_a_replica_killed_mid_run_is_replaced_and_nothing_is_lost(
     assert len(results) == 200 and errors == []
     assert victim.generation == generation + 1
     replicas_live(engine)
+
+
+def test_a_replica_that_died_idle_is_replaced_before_work_resumes(
+    engine: RayEngine, tmp_path: Path, requests_log: Path
+) -> None:
+    replicas_live(engine)
+    victim = engine.slots[1]
+    pid = ray.get(victim.handle.__ray_call__.remote(lambda replica: os.getpid()))
+    generation = victim.generation
+    os.kill(pid, signal.SIGKILL)
+    psutil.wait_procs([psutil.Process(pid)], timeout=30)
+    path = write_jsonl(
+        tmp_path / "in.jsonl", [chat_line(f"i{index}", f"idle {index}") for index in range(40)]
+    )
+    before = _logged(requests_log)
+    suspected = []
+
+    def progress(update: Any) -> None:
+        suspected.extend(request.key for request in engine.suspects)
+        suspected.extend(slot.solo for slot in engine.slots if slot.solo)
+
+    run_file(path, tmp_path / "out", LocalClient(engine), on_progress=progress)
+    results, errors = assert_every_line_once(path, tmp_path / "out")
+    assert len(results) == 40 and errors == []
+    assert victim.generation == generation + 1
+    # Nothing was sent to the dead replica, so nothing was suspected and run alone.
+    assert suspected == []
+    assert set((_logged(requests_log) - before).values()) == {1}
 
 
 def test_a_request_that_kills_its_replica_fails_alone(

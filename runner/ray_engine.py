@@ -95,7 +95,7 @@ class RayEngine:
         self.solo_deaths: dict[str, int] = {}
         self.finished: list[EngineOutput] = []
         self.retired = (0, 0)  # the counters of replicas that died
-        self.idle = False  # nothing was running at the end of the last step
+        self.idle = True  # nothing has run since the last step (or the load)
         try:
             check_resources(self.settings, spec.alias)
             self.actor = ray.remote(Replica).options(

@@ -8,6 +8,7 @@ one this machine is a node of; `host:port`: the head's address) and leaves it ru
 from __future__ import annotations
 
 import os
+import socket
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from runner.types import EngineInfo
 
 LOCAL = "local"
 LOCAL_OBJECT_STORE_BYTES = 256 << 20  # results are small; Ray would take 30 % of the memory
+REACH_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ def connect(settings: RaySettings) -> bool:
             runtime_env=_shipped_code(),
         )
     else:
+        if settings.address != "auto":
+            _check_reachable(settings.address)
         try:
             ray.init(address=settings.address, runtime_env=_shipped_code())
         except (ConnectionError, RuntimeError, ValueError) as error:
@@ -64,6 +68,19 @@ def connect(settings: RaySettings) -> bool:
                 f"could not join the Ray cluster at {settings.address}: {error}"
             ) from error
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds when nothing answers at the head's address: Ray itself would go on
+    trying for many minutes, and the job would wait that long for its engine."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_SECONDS).close()
+    except OSError as error:
+        raise EngineLoadError(
+            f"nothing answers at the Ray cluster address {address} ({error.strerror or error}); "
+            "is `ray start --head` running there, and is the port open to this machine?"
+        ) from None
 
 
 def _shipped_code() -> dict[str, Any]:

@@ -3,6 +3,7 @@ every bad value refused at load with the key that holds it."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +98,18 @@ def test_a_gpu_model_on_a_cluster_does_not_need_a_gpu_here(tmp_path: Path) -> No
     assert model_problem(local, "big", local.models["big"], gpu=None) == (
         "needs a GPU, and this machine has none"
     )
+
+
+def test_a_cluster_address_where_nothing_answers_fails_in_seconds() -> None:
+    ray = pytest.importorskip("ray", reason="Ray is not installed (the cluster extra)")
+    if ray.is_initialized():
+        pytest.skip("this process is a Ray driver already")
+    from runner.engine import EngineLoadError
+    from runner.ray_cluster import RaySettings, connect
+
+    with socket.socket() as unused:  # a port that was free a moment ago: nothing listens
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with pytest.raises(EngineLoadError, match="nothing answers at the Ray cluster address"):
+        connect(RaySettings(address=f"127.0.0.1:{port}"))
+    assert not ray.is_initialized()

@@ -8,7 +8,8 @@ generate exactly the same tokens) and the same engine settings; the second only 
 `backend: ray` with one replica of all the cores (or `--num-gpus 1` on a GPU machine). For each it
 prints the wall time including model load (and Ray's start), the load and generation
 seconds from the benchmark record, generation throughput, and the peak resident memory of
-the process tree; then the Ray run's generation throughput and wall time against local.
+the process tree, and the CPU seconds other processes used meanwhile (a quiet machine
+shows few); then the Ray run's generation throughput and wall time against local.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,8 +54,18 @@ def write_config(source: Path, work: Path, ray: dict | None) -> Path:
     return target
 
 
+def busy_seconds() -> tuple[float, float]:
+    """CPU seconds the whole machine and this process's waited-for children have used."""
+    times = psutil.cpu_times()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0), (
+        children.ru_utime + children.ru_stime
+    )
+
+
 def measure(config: Path, data: Path, environment: dict[str, str]) -> dict:
     out = config.parent / "outbox"
+    machine, own = busy_seconds()
     with open(config.parent / "run.log", "w") as log:
         wall, peak = run_measured(
             [*BATCHBOX, "-c", str(config), "run", str(data), "-o", str(out)],
@@ -60,7 +73,10 @@ def measure(config: Path, data: Path, environment: dict[str, str]) -> dict:
             stdout=subprocess.DEVNULL,
             stderr=log,
         )
+    machine_after, own_after = busy_seconds()
     figures = {"wall": wall, "peak": peak, **batchbox_figures(out / data.stem)}
+    # What else ran meanwhile: on a busy machine the two runs are not comparable.
+    figures["others_cpu"] = max((machine_after - machine) - (own_after - own), 0.0)
     record = json.loads((out / data.stem / "benchmark.json").read_text())
     figures["hardware"] = record["hardware"]
     failed = record["request_counts"].get("failed", 0)
@@ -75,7 +91,8 @@ def show(name: str, figures: dict) -> None:
         f"{name:<22} wall {figures['wall']:7.1f} s (load {figures['load']:5.1f} s, "
         f"generation {figures['generate']:7.1f} s)   "
         f"{figures['completion_per_second']:7.1f} completion tok/s   "
-        f"peak {figures['peak'] / 2**20:6.0f} MiB   on {figures['hardware']}"
+        f"peak {figures['peak'] / 2**20:6.0f} MiB   on {figures['hardware']}   "
+        f"other processes' CPU {figures['others_cpu']:.0f} s"
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import psutil
 
 from runner.engines import load_engine
+from runner.feeding import COUNTERS_SECONDS, add_all
 from runner.pace import with_pace
 from runner.types import (
     Engine,
@@ -29,10 +30,8 @@ from runner.types import (
     EngineOutput,
     EngineRequest,
     ModelSpec,
-    RequestRejected,
 )
 
-COUNTERS_SECONDS = 0.5  # how often an engine that finishes nothing still reports progress
 LOAD_TIMEOUT_SECONDS = 1800.0
 LOAD_POLL_SECONDS = 0.5  # how often a load is asked whether to go on, and reported on
 
@@ -75,18 +74,6 @@ class EngineClient(Protocol):
     def close(self) -> None: ...
 
 
-def _rejected(request: EngineRequest, error: RequestRejected) -> EngineOutput:
-    return EngineOutput(request.key, 0, error_code=error.code, error_message=error.message)
-
-
-def _add_all(engine: Engine, requests: list[EngineRequest], ready: list[EngineOutput]) -> None:
-    for request in requests:
-        try:
-            engine.add(request)
-        except RequestRejected as error:
-            ready.append(_rejected(request, error))
-
-
 class LocalClient:
     """Drives an engine in this process; for tests and for the fake engine."""
 
@@ -96,7 +83,7 @@ class LocalClient:
         self.ready: list[EngineOutput] = []
 
     def submit(self, requests: list[EngineRequest]) -> None:
-        _add_all(self.engine, requests, self.ready)
+        add_all(self.engine, requests, self.ready)
 
     def poll(self, timeout: float) -> list[EngineOutput]:
         outputs, self.ready = self.ready, []
@@ -163,7 +150,7 @@ def _child_main(spec: ModelSpec, connection, pace: bool = False) -> None:
                 engine.close()
                 return
             if kind == "submit":
-                _add_all(engine, payload, ready)
+                add_all(engine, payload, ready)
             elif kind == "abort":
                 engine.abort(payload)
             try:

@@ -15,4 +15,8 @@ def load_engine(spec: ModelSpec) -> Engine:
         from runner.vllm_engine import VllmEngine
 
         return VllmEngine(spec)
+    if spec.backend == "ray":
+        from runner.ray_engine import RayEngine
+
+        return RayEngine(spec)
     raise EngineLoadError(f"model {spec.alias!r} names an unknown backend {spec.backend!r}")

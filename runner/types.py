@@ -120,10 +120,16 @@ class ModelSpec:
 
     alias: str
     source: str
-    backend: str = "vllm"  # "vllm" or "fake"
+    backend: str = "vllm"  # "vllm", "fake", or "ray" (replicas of one of the others)
     runner: str = "generate"  # "generate" or "pooling"
     engine: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
+    ray: dict[str, Any] = field(default_factory=dict)  # backend "ray": runner.ray_cluster
+
+    @property
+    def engine_backend(self) -> str:
+        """The engine that takes `engine`: the model's own, or its Ray replicas' engine."""
+        return str(self.ray.get("backend", "vllm")) if self.backend == "ray" else self.backend
 
 
 class Engine(Protocol):

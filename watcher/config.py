@@ -22,6 +22,7 @@ from pydantic import (
 
 from runner.lines import Limits
 from runner.types import CHAT, COMPLETIONS, EMBEDDINGS, ModelSpec
+from watcher.ray_config import RayConfig, ray_settings_problem, ray_spec
 
 ENV_VARIABLE = "BATCHBOX_CONFIG"
 Alias = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
@@ -38,13 +39,14 @@ class Strict(BaseModel):
 class ModelConfig(Strict):
     path: str | None = None
     hub: str | None = None
-    backend: Literal["vllm", "fake"] = "vllm"
+    backend: Literal["vllm", "fake", "ray"] = "vllm"
     runner: Literal["generate", "pooling"] = "generate"
     needs_gpu: bool = False
     allow_download: bool = False
     trust_remote_code: bool = False
     engine: dict[str, Any] = Field(default_factory=dict)
     environment: dict[str, str] = Field(default_factory=dict)
+    ray: RayConfig | None = None  # with backend: ray
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -52,6 +54,9 @@ class ModelConfig(Strict):
             raise ValueError("give exactly one of 'path' (a local folder) or 'hub' (a model id)")
         if "trust_remote_code" in self.engine:
             raise ValueError("set trust_remote_code on the model, not in its engine options")
+        problem = ray_settings_problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
@@ -147,6 +152,7 @@ class Config(Strict):
             runner=model.runner,
             engine=engine,
             environment=environment,
+            ray=ray_spec(model),
         )
 
 

@@ -123,7 +123,7 @@ def _engine_for(
     """The engine for the job's model. A load cut short from outside is tried again, up to
     LOAD_TRIES in all; a model that reports it cannot load fails the job at once. Raises
     LoadStopped when a stop or a cancel ends the load."""
-    problems = engine_problems(spec.alias, spec.backend, spec.engine)
+    problems = engine_problems(spec.alias, spec.engine_backend, spec.engine)
     if problems:  # a load that cannot succeed is not started
         raise JobError("invalid_engine_settings", " ".join(problems))
 

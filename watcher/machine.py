@@ -14,6 +14,7 @@ from pathlib import Path
 
 from runner.engine_args import engine_problems, version_note
 from watcher.config import Config, ModelConfig
+from watcher.ray_config import replicas_view
 from watcher.unitfile import stop_timeout_problem
 
 FOLDERS = ("inbox", "outbox", "state")
@@ -98,6 +99,10 @@ def _hub_cached(model_id: str) -> bool:
 
 def model_problem(config: Config, alias: str, model: ModelConfig, gpu: str | None) -> str | None:
     """Why a model cannot run on this machine, or None when it can."""
+    if model.backend == "ray":
+        problem, model = replicas_view(model)
+        if problem:
+            return problem
     if model.needs_gpu and gpu is None:
         return "needs a GPU, and this machine has none"
     if model.backend == "fake":
@@ -135,7 +140,8 @@ def check_machine(config: Config, say: Callable[[str], None]) -> list[str]:
         say(f"model {alias}: {'ready' if reason is None else 'not runnable here: ' + reason}")
         if reason is not None and alias == config.default_model:
             problems.append(f"the default model {alias} cannot run here: {reason}")
-        problems += engine_problems(alias, model.backend, config.model_spec(alias).engine)
+        spec = config.model_spec(alias)
+        problems += engine_problems(alias, spec.engine_backend, spec.engine)
     unit_problem = stop_timeout_problem(config)
     if unit_problem:
         say(f"warning: {unit_problem}")

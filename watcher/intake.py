@@ -1,5 +1,5 @@
 """Intake: candidates named by inbox events and rescans are settled, and complete files are
-claimed into the spool, in the order they settled and a slice of time at a time."""
+claimed into the spool in the order they settled, on the claim thread (`watcher.claimer`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import structlog
 
 from runner.durable import is_disk_trouble
 from watcher.claim import ClaimError, ClaimInterrupted, ClaimLost, claim_and_validate
+from watcher.claimer import Claimer, Outcome
 from watcher.config import Config
 from watcher.diskwait import DiskWait
 from watcher.inbox import Candidate, classify, scan_inbox
@@ -21,8 +22,6 @@ from watcher.settle import CHANGE_HINTS, Settler
 from watcher.sidecars import write_refusal
 
 log = structlog.get_logger()
-
-SLICE_SECONDS = 0.5  # claiming a burst yields to the rest of the loop this often
 
 
 class Intake:
@@ -45,6 +44,8 @@ class Intake:
         # Files refused at claim, with what they were then, so a rescan does not repeat it.
         self.refused: dict[Path, tuple[int, int, int]] = {}
         self.last_rescan = 0.0
+        self.claimer = Claimer(self.claim, lambda: self.events.put(Candidate(self.inbox, "claim")))
+        self.returned: list[Path] = []  # handed over, not claimed for the disk, in order
 
     def take_events(self) -> None:
         while True:
@@ -81,61 +82,86 @@ class Intake:
         self.ready.update(dict.fromkeys(result.complete))
 
     def claim_ready(self, stopping: Callable[[], bool]) -> None:
-        """Claim complete files in the order they settled, for a slice of time at most: a
-        burst of hundreds of drops must not hold up the start of the first job, cancels and
-        the watchdog."""
-        started = time.monotonic()
-        while self.ready and not stopping():
-            if time.monotonic() - started >= SLICE_SECONDS:
-                return
+        """Take back what finished claims came to, and hand the claim thread the next
+        complete files in the order they settled, while the disk allows."""
+        for outcome in self.claimer.take():
+            self.take_outcome(outcome)
+        if self.returned and not self.claimer.in_flight:
+            # Back in front, in their order, once every file handed with them is back.
+            self.ready = {**dict.fromkeys(self.returned), **self.ready}
+            self.returned = []
+        while self.ready and self.claimer.room() and not self.returned and not stopping():
             if not self.disk.space_left(len(self.ready)) or not self.disk.ready():
                 return
             path = next(iter(self.ready))
             del self.ready[path]
-            self.claim(path)
+            if path not in self.claimer.in_flight:  # noted again while its claim runs
+                self.claimer.hand(path)
 
-    def claim(self, path: Path) -> None:
-        try:
-            stat = path.lstat()
-        except OSError:
-            return
-        signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        if self.refused.get(path) == signature:
-            return  # refused before and unchanged since: once is enough
-        problem = unclaimable(path)
-        if problem is not None:
-            self._refuse(path, signature, problem, "invalid_name")
-            return
-        try:
-            job = claim_and_validate(path, self.config, time.time_ns())
-        except ClaimLost:
-            return
-        except ClaimInterrupted as interrupted:
-            log.warning("claim_interrupted", path=str(path), error=str(interrupted.error))
+    def claiming(self, folder: Path, stem: str) -> bool:
+        """Whether a file of this stem in this folder is being claimed right now."""
+        return self.claimer.holds(folder, stem)
+
+    def stop_claiming(self, timeout: float) -> None:
+        """Let the claim under way finish, and take in what it came to."""
+        self.claimer.stop(timeout)
+        for outcome in self.claimer.take():
+            self.take_outcome(outcome)
+
+    def take_outcome(self, outcome: Outcome) -> None:
+        """On the loop: queue what a claim made, or let the disk wait hold it back."""
+        if outcome.job is not None:
+            job = outcome.job
+            log.info("job_claimed", job=job.id, input=job.input_name, model=job.model)
+            self.on_claimed(job, outcome.path)
+        elif outcome.retry is not None:
+            # Nothing moved: the file waits in the inbox, first in line, for the disk.
+            self.returned.append(outcome.path)
+            self.disk.trouble(outcome.retry)
+        elif outcome.skipped:
+            self.returned.append(outcome.path)
+        elif outcome.interrupted is not None:
+            interrupted = outcome.interrupted
+            log.warning("claim_interrupted", path=str(outcome.path), error=str(interrupted.error))
             self.disk.wait_with(interrupted.work)
             if is_disk_trouble(interrupted.error):
                 self.disk.trouble(interrupted.error)
-            return
+
+    def claim(self, path: Path) -> Outcome:
+        """Claim one complete file; on the claim thread, which alone keeps `refused`."""
+        try:
+            stat = path.lstat()
+        except OSError:
+            return Outcome(path)
+        signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if self.refused.get(path) == signature:
+            return Outcome(path)  # refused before and unchanged since: once is enough
+        problem = unclaimable(path)
+        if problem is not None:
+            self._refuse(path, signature, problem, "invalid_name")
+            return Outcome(path)
+        try:
+            job = claim_and_validate(path, self.config, time.time_ns())
+        except ClaimLost:
+            return Outcome(path)
+        except ClaimInterrupted as interrupted:
+            return Outcome(path, interrupted=interrupted)
         except OSError as error:
             if is_disk_trouble(error):
-                # Nothing moved: the file waits in the inbox, first in line, for the disk.
-                self.ready = {path: None, **self.ready}
-                self.disk.trouble(error)
-                return
+                return Outcome(path, retry=error)
             write_refusal(
                 path, self.inbox, f"{path.name} could not be taken: {error}", "claim_failed"
             )
-            return
+            return Outcome(path)
         except ClaimError as error:
             reason = f"{path.name} could not be taken: {error}"
             self._refuse(path, signature, reason, "claim_failed")
-            return
+            return Outcome(path)
         except Exception as error:  # noqa: BLE001 - one odd file must not stop the appliance
             log.exception("claim_crashed", path=os.fsdecode(path))
             self._refuse(path, signature, f"the file could not be taken: {error}", "claim_failed")
-            return
-        log.info("job_claimed", job=job.id, input=job.input_name, model=job.model)
-        self.on_claimed(job, path)
+            return Outcome(path)
+        return Outcome(path, job=job)
 
     def _refuse(self, path: Path, signature: tuple[int, int, int], reason: str, code: str) -> None:
         self.refused[path] = signature

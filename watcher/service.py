@@ -23,6 +23,7 @@ from pathlib import Path
 
 import structlog
 
+from benchmarks.record import History
 from runner.durable import is_disk_trouble
 from runner.run import Progress
 from watcher.config import Config
@@ -32,6 +33,7 @@ from watcher.engines import EngineKeeper
 from watcher.errors import StartError
 from watcher.etas import (
     QueueEtas,
+    compact_history,
     estimate_job,
     expected_load_seconds,
     write_running_eta,
@@ -63,7 +65,8 @@ class Service:
         self.disk = DiskWait(self.state, config.min_free_bytes)
         self.intake = Intake(config, self.disk, self.take_job, self.cancel)
         self.queue = JobQueue()
-        self.etas = QueueEtas(self.state)
+        self.history = History(self.state)
+        self.etas = QueueEtas(self.history)
         self.running: Running | None = None
         self.stopping = threading.Event()
         self.observer = None
@@ -80,6 +83,7 @@ class Service:
             (self.inbox / alias).mkdir(parents=True, exist_ok=True)
         spool_folder(self.state).mkdir(parents=True, exist_ok=True)
         self.outbox.mkdir(parents=True, exist_ok=True)
+        compact_history(self.history, force=True)
         self.recover()
         self.observer = start_observer(
             self.inbox, self.intake.events.put, polling=self.config.observer == "polling"
@@ -95,6 +99,7 @@ class Service:
         """Stop the running job where it is (it resumes at the next start) and the engine."""
         notify("STOPPING=1")
         self.stopping.set()
+        self.intake.stop_claiming(self.config.stop_timeout_seconds * 0.1)
         if self.running is not None:
             self.running.thread.join(self.config.stop_timeout_seconds * 0.6)
             self.collect_finished_job()
@@ -173,7 +178,7 @@ class Service:
     def enqueue(self, job: Job) -> None:
         """Queue a validated job: its `.eta` and `.status` say where it stands at once; the
         jobs it overtook learn their new places at the next queue update."""
-        job.estimate = estimate_job(job, self.state).as_dict()
+        job.estimate = estimate_job(job, self.history).as_dict()
         self.queue.push(job)
         self.etas.place_new(job, self.queue, self.running, self.engines.model)
         mark_queued(job)
@@ -212,8 +217,8 @@ class Service:
             if self.finish(job, JobStatus.CANCELLED):
                 path.unlink(missing_ok=True)  # else kept: the cancel applies once it is back
             return
-        if (path.parent / f"{stem}.jsonl").exists():
-            return  # its file is still settling: the cancel applies once it is claimed
+        if (path.parent / f"{stem}.jsonl").exists() or self.intake.claiming(path.parent, stem):
+            return  # its file is still settling or being taken: the cancel applies after
         log.warning("cancel_without_job", path=str(path))
         path.unlink(missing_ok=True)
 
@@ -226,7 +231,7 @@ class Service:
         self.etas.forget(job)
         running = Running(job=job)
         if self.engines.model != job.model:
-            running.load_seconds = expected_load_seconds(job.model or "", self.state)
+            running.load_seconds = expected_load_seconds(job.model or "", self.history)
         self.running = running
         start_job(
             running,
@@ -247,8 +252,9 @@ class Service:
 
     def collect_finished_job(self) -> None:
         running = self.running
-        if running is None or running.thread.is_alive():
+        if running is None or not running.ended.is_set():
             return
+        running.thread.join()  # returning from its last call: the end woke this loop
         self.running = None
         job = running.job
         if running.trouble is not None:
@@ -256,6 +262,7 @@ class Service:
         elif job.status.finished:
             log.info("job_finished", **job.summary())
             self.disk.succeeded()
+            compact_history(self.history, force=False)
         self.engines.touch()
 
     # -- recovery -----------------------------------------------------------------------

@@ -89,11 +89,13 @@ def eta_document(eta: datetime, seconds: float, written: datetime, basis: str) -
     }
 
 
-def write_sidecar(path: Path, document: dict[str, Any]) -> None:
-    """Write a sidecar atomically. A name the inbox cannot hold (too long, taken by a folder)
-    is logged and the job goes on without it; a full or failing disk is raised."""
+def write_sidecar(path: Path, document: dict[str, Any], scratch: Path | None = None) -> None:
+    """Write a sidecar atomically, from a temporary file in `scratch` (the job's spool
+    folder) where there is one: each temporary made in the inbox would be four more events
+    for the inbox's watcher to go through. A name the inbox cannot hold (too long, taken by
+    a folder) is logged and the job goes on without it; a full or failing disk is raised."""
     try:
-        write_json_atomic(path, document)
+        write_json_atomic(path, document, scratch)
     except OSError as error:
         if is_disk_trouble(error):
             raise

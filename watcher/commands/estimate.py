@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from datetime import timedelta
 
+from benchmarks.record import History
 from watcher.commands.arguments import input_file, known_model
 from watcher.config import Config
 from watcher.errors import EXIT_OK, CommandFailed
@@ -36,7 +37,7 @@ def show_estimate(args: argparse.Namespace, config: Config) -> int:
         validate_job(job, config, ticket_model, input_path=path)
     except JobError as error:
         raise CommandFailed(error.message) from None
-    result = estimate_job(job, config.folder("state"))
+    result = estimate_job(job, History(config.folder("state")))
     ahead = [job for job in spool_jobs(config.folder("state")) if not job.status.finished]
     waiting = sum(float((other.estimate or {}).get("run_seconds", 0.0)) for other in ahead)
     finish = now() + timedelta(seconds=round(waiting + result.run_seconds))

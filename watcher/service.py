@@ -52,6 +52,9 @@ from watcher.worker import Running, start_job
 log = structlog.get_logger()
 
 STATUS_SECONDS = 5.0  # sidecars of a running job are rewritten at least this often
+# ...and first this long after it starts: a job done sooner goes from in_progress to its end
+# without sidecars in between, which in a burst of small files would be most of the writes.
+FIRST_STATUS_SECONDS = 0.5
 SWEEP_SECONDS = 60.0
 
 
@@ -245,7 +248,8 @@ class Service:
 
     def progress(self, running: Running, progress: Progress) -> None:
         running.note_progress(progress)
-        if time.monotonic() - running.last_status >= STATUS_SECONDS:
+        since = time.monotonic() - (running.last_status or running.started)
+        if since >= (STATUS_SECONDS if running.last_status else FIRST_STATUS_SECONDS):
             running.last_status = time.monotonic()
             write_running_eta(running)
             write_status(running.job)

@@ -4,6 +4,7 @@ job as the queue moves, and the running job's time left from its engine's progre
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -148,6 +149,7 @@ class QueueEtas:
         self.history = history
         self.changed = False
         self.last_update = 0.0
+        self.cut_short = False  # the last pass gave way to something more urgent
         self.cursor = 0  # where in the queue beyond its head the next pass goes on
         self.slots: dict[str, Slot] = {}  # job id -> its place in time at the last planning
         self.eta_written: dict[str, float] = {}  # job id -> when its queued `.eta` was written
@@ -213,22 +215,35 @@ class QueueEtas:
         return Slot(finish, job.model, plan)
 
     def update_due(self) -> bool:
+        if self.cut_short:
+            return True
         since = time.monotonic() - self.last_update
         return since >= QUEUE_SECONDS or (self.changed and since >= QUEUE_MIN_SECONDS)
 
-    def update(self, queue: JobQueue, running: Running | None, loaded: str | None) -> None:
+    def update(
+        self,
+        queue: JobQueue,
+        running: Running | None,
+        loaded: str | None,
+        give_way: Callable[[], bool] = lambda: False,
+    ) -> None:
         """One pass: plan the queue, bring the first HEAD jobs' sidecars up to date, then
-        BUDGET more in turn through the rest of the queue."""
+        BUDGET more in turn through the rest of the queue. When `give_way` says so (the
+        running job has ended, and the next one waits to start), the pass stops between two
+        jobs, and the next turn of the loop begins it again."""
         started = time.monotonic()
-        self.changed = False
+        self.changed = self.cut_short = False
         jobs = list(queue)
         self.plan(jobs, running, loaded)
         for position, job in enumerate(jobs[:HEAD], start=1):
+            if give_way():
+                self.cut_short = True
+                return
             self.refresh(job, position)
         rest = len(jobs) - HEAD
         written = looked = 0
         while looked < rest and written < BUDGET:
-            if time.monotonic() - started >= SLICE_SECONDS:
+            if time.monotonic() - started >= SLICE_SECONDS or give_way():
                 break
             index = HEAD + self.cursor % rest
             self.cursor = (self.cursor + 1) % rest

@@ -158,7 +158,7 @@ class Service:
         if self.running is None and not self.stopping.is_set() and self.disk.ready():
             self.start_next()
         if self.etas.update_due():
-            self.etas.update(self.queue, self.running, self.engines.model)
+            self.etas.update(self.queue, self.running, self.engines.model, self.job_ended)
             self.status_line()
         if self.running is None and len(self.queue) == 0:
             self.engines.unload_if_idle(self.config.idle_unload_seconds)
@@ -253,6 +253,10 @@ class Service:
             running.last_status = time.monotonic()
             write_running_eta(running)
             write_status(running.job)
+
+    def job_ended(self) -> bool:
+        """Whether the running job has ended, so that the next one waits to be started."""
+        return self.running is not None and self.running.ended.is_set()
 
     def collect_finished_job(self) -> None:
         running = self.running

@@ -71,16 +71,16 @@ class Claimer:
         """Whether a file of this stem in this folder is being claimed right now."""
         return any(path.parent == folder and path.stem == stem for path in self.in_flight)
 
-    def take(self) -> list[Outcome]:
-        """What the claims handed over so far came to, in the order they were handed."""
-        outcomes = []
-        while True:
-            try:
-                outcome = self.done.get_nowait()
-            except queue.Empty:
-                return outcomes
-            self.in_flight.pop(outcome.path, None)
-            outcomes.append(outcome)
+    def take(self) -> Outcome | None:
+        """What the next claim handed over came to, in the order they were handed; None
+        while it runs. One at a time: an error while the loop deals with one leaves the
+        others here for its next turn."""
+        try:
+            outcome = self.done.get_nowait()
+        except queue.Empty:
+            return None
+        self.in_flight.pop(outcome.path, None)
+        return outcome
 
     def stop(self, timeout: float) -> None:
         """Let the claim under way finish (within `timeout`); no new one starts. One cut

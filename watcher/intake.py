@@ -84,7 +84,7 @@ class Intake:
     def claim_ready(self, stopping: Callable[[], bool]) -> None:
         """Take back what finished claims came to, and hand the claim thread the next
         complete files in the order they settled, while the disk allows."""
-        for outcome in self.claimer.take():
+        while (outcome := self.claimer.take()) is not None:
             self.take_outcome(outcome)
         if self.returned and not self.claimer.in_flight:
             # Back in front, in their order, once every file handed with them is back.
@@ -105,8 +105,11 @@ class Intake:
     def stop_claiming(self, timeout: float) -> None:
         """Let the claim under way finish, and take in what it came to."""
         self.claimer.stop(timeout)
-        for outcome in self.claimer.take():
-            self.take_outcome(outcome)
+        while (outcome := self.claimer.take()) is not None:
+            try:
+                self.take_outcome(outcome)
+            except OSError as error:  # its spool folder has it for the next start
+                log.warning("claim_not_taken", path=str(outcome.path), error=str(error))
 
     def take_outcome(self, outcome: Outcome) -> None:
         """On the loop: queue what a claim made, or let the disk wait hold it back."""

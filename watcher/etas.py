@@ -149,7 +149,6 @@ class QueueEtas:
         self.history = history
         self.changed = False
         self.last_update = 0.0
-        self.cut_short = False  # the last pass gave way to something more urgent
         self.cursor = 0  # where in the queue beyond its head the next pass goes on
         self.slots: dict[str, Slot] = {}  # job id -> its place in time at the last planning
         self.eta_written: dict[str, float] = {}  # job id -> when its queued `.eta` was written
@@ -215,8 +214,6 @@ class QueueEtas:
         return Slot(finish, job.model, plan)
 
     def update_due(self) -> bool:
-        if self.cut_short:
-            return True
         since = time.monotonic() - self.last_update
         return since >= QUEUE_SECONDS or (self.changed and since >= QUEUE_MIN_SECONDS)
 
@@ -230,14 +227,14 @@ class QueueEtas:
         """One pass: plan the queue, bring the first HEAD jobs' sidecars up to date, then
         BUDGET more in turn through the rest of the queue. When `give_way` says so (the
         running job has ended, and the next one waits to start), the pass stops between two
-        jobs, and the next turn of the loop begins it again."""
-        started = time.monotonic()
-        self.changed = self.cut_short = False
+        jobs; the next pass comes QUEUE_MIN_SECONDS later, as after any change."""
+        started = self.last_update = time.monotonic()
+        self.changed = False
         jobs = list(queue)
         self.plan(jobs, running, loaded)
         for position, job in enumerate(jobs[:HEAD], start=1):
             if give_way():
-                self.cut_short = True
+                self.changed = True
                 return
             self.refresh(job, position)
         rest = len(jobs) - HEAD
@@ -249,7 +246,6 @@ class QueueEtas:
             self.cursor = (self.cursor + 1) % rest
             looked += 1
             written += self.refresh(jobs[index], index + 1)
-        self.last_update = time.monotonic()
 
     def refresh(self, job: Job, position: int) -> bool:
         """Rewrite a queued job's sidecars if what they show changed; whether it did. The

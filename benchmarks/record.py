@@ -1,21 +1,34 @@
 """Benchmark records: one per finished job, in its outbox folder and in the history.
 
 The history is a JSON-lines file appended with fsync; a reader skips a torn last line, so a
-crash while appending costs at most that one record.
+crash while appending costs at most that one record. A long-lived reader (the service) keeps
+it in memory with `History`, which parses each record once, and keeps the file bounded by
+compacting it to what estimates can use (`compact`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
+from filelock import FileLock
 
-from runner.durable import append_line_durably
+from runner.durable import append_line_durably, write_atomic
 
 HISTORY = "benchmarks.jsonl"
 PACES = "paces.jsonl"  # what engines timed at their load: no jobs, so kept apart
+# Appending and compacting take this lock, so that a compaction (a rewrite and a rename) in
+# one process cannot lose a record another process (`batchbox run`, `bench`) appends.
+HISTORY_LOCK = "benchmarks.lock"
+# Records kept by a compaction: the newest KEEP of each model, endpoint and hardware, and the
+# newest KEEP with a model load time of each model. Estimates use the last twenty or so, and
+# the rest is headroom for estimators that look further back.
+KEEP = 100
 
 
 def _rate(amount: float, seconds: float) -> float:
@@ -119,7 +132,18 @@ def knows_pace(state: Path, model: str) -> bool:
 
 
 def append_history(state: Path, record: dict[str, Any]) -> None:
-    append_line_durably(state / HISTORY, orjson.dumps(record))
+    with FileLock(state / HISTORY_LOCK):
+        append_line_durably(state / HISTORY, orjson.dumps(record))
+
+
+def parse_lines(data: bytes) -> Iterator[dict[str, Any]]:
+    for line in data.splitlines():
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue  # a torn line from a crash while appending
+        if isinstance(record, dict):
+            yield record
 
 
 def append_pace(state: Path, record: dict[str, Any]) -> None:
@@ -136,9 +160,117 @@ def read_history(state: Path, name: str = HISTORY) -> Iterator[dict[str, Any]]:
         return
     with open(path, "rb") as handle:
         for line in handle:
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue  # a torn line from a crash while appending
-            if isinstance(record, dict):
-                yield record
+            yield from parse_lines(line)
+
+
+def compact(records: Iterable[dict[str, Any]], keep: int = KEEP) -> list[dict[str, Any]]:
+    """The records worth keeping, in their order: the newest `keep` of each model, endpoint
+    and hardware, and the newest `keep` with a load time of each model. A record appended
+    twice (a delivery cut short and done again) is kept once, as the estimator counts it."""
+    unique: dict[Any, dict[str, Any]] = {}
+    for index, record in enumerate(records):
+        unique.setdefault(record.get("job_id") or ("no id", index), record)
+    ordered = list(unique.values())
+    kinds: Counter = Counter()
+    loads: Counter = Counter()
+    kept = []
+    for record in reversed(ordered):
+        kind = (record.get("model"), record.get("endpoint"), record.get("hardware"))
+        kinds[kind] += 1
+        timed = _number(record.get("load_seconds")) > 0
+        if timed:
+            loads[record.get("model")] += 1
+        if kinds[kind] <= keep or (timed and loads[record.get("model")] <= keep):
+            kept.append(record)
+    kept.reverse()
+    return kept
+
+
+def _number(value: Any) -> float:
+    return value if isinstance(value, (int, float)) else 0.0
+
+
+class History:
+    """The benchmark history of one state folder, parsed once and then followed.
+
+    Each look stats the file and parses only the lines appended since the last look (by this
+    process or another: `batchbox run` and `bench` append too), so the cost of a look does
+    not grow with the history. A file replaced or cut shorter is read again whole.
+    """
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.path = state / HISTORY
+        self.lock = threading.Lock()
+        self.full_reads = 0  # times the whole file was parsed
+        self.parsed_lines = 0
+        self._records: list[dict[str, Any]] = []
+        self._identity: tuple[int, int] | None = None
+        self._offset = 0  # the end of the last whole line parsed
+        self._lines = 0  # whole lines parsed since the file was last read from its start
+        self._compacted = 0  # records kept by the last compaction
+
+    def records(self) -> list[dict[str, Any]]:
+        """The records, oldest first; a list of its own, which the history never changes."""
+        with self.lock:
+            self._follow()
+            return self._records
+
+    def _follow(self) -> None:
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            self._records, self._identity, self._offset, self._lines = [], None, 0, 0
+            return
+        identity = (info.st_dev, info.st_ino)
+        if identity != self._identity or info.st_size < self._offset:
+            self._records, self._identity, self._offset, self._lines = [], identity, 0, 0
+            self.full_reads += 1
+        if info.st_size == self._offset:
+            return
+        with open(self.path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_ino != identity[1]:
+                self._identity = None  # replaced between the stat and the open: next look
+                return
+            handle.seek(self._offset)
+            data = handle.read()
+        whole = data.rfind(b"\n") + 1  # a line still being appended is parsed next time
+        if whole:
+            added = list(parse_lines(data[:whole]))
+            lines = data.count(b"\n", 0, whole)
+            self.parsed_lines += lines
+            self._lines += lines
+            # A new list, not an append: a caller may be iterating the one it was given.
+            self._records = self._records + added
+            self._offset += whole
+
+    def compact(self, keep: int = KEEP, force: bool = True) -> int:
+        """Rewrite the file with only what `compact` keeps (atomically: a crash leaves the
+        old file or the new); how many records it dropped. Unless forced, only once the
+        history has grown to twice what the last compaction kept (and by `keep` at least),
+        so that compacting costs a bounded amount per record appended."""
+        with self.lock:
+            self._follow()
+            if not force and len(self._records) < 2 * self._compacted + keep:
+                return 0
+            with FileLock(self.state / HISTORY_LOCK):
+                self._follow()  # what another process appended before the lock
+                kept = compact(self._records, keep)
+                dropped = len(self._records) - len(kept)
+                # Torn or unreadable lines go too, and bytes after the last whole line.
+                untidy = self._lines != len(self._records) or self._offset != _size(self.path)
+                if dropped or untidy:
+                    write_atomic(self.path, b"".join(orjson.dumps(r) + b"\n" for r in kept))
+                    info = os.stat(self.path)
+                    self._identity, self._offset = (info.st_dev, info.st_ino), info.st_size
+                    self._lines = len(kept)
+                self._records = kept
+                self._compacted = len(kept)
+            return dropped
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

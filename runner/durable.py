@@ -75,14 +75,19 @@ def make_folders_durably(folder: Path) -> None:
         fsync_dir(path.parent)
 
 
-def temporary_name(path: Path) -> Path:
+def temporary_name(path: Path, scratch: Path | None = None) -> Path:
     # A short name of its own: `path`'s name may already be as long as names can be.
-    return path.with_name(f"{TEMPORARY_PREFIX}{uuid.uuid4().hex[:12]}{TEMPORARY_SUFFIX}")
+    name = f"{TEMPORARY_PREFIX}{uuid.uuid4().hex[:12]}{TEMPORARY_SUFFIX}"
+    return scratch / name if scratch is not None else path.with_name(name)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a reader sees the old file or the new, never a mix."""
-    temporary = temporary_name(path)
+def write_atomic(path: Path, data: bytes, scratch: Path | None = None) -> None:
+    """Replace `path` with `data` so that a reader sees the old file or the new, never a mix.
+
+    The temporary file is written in `scratch` when given (a folder on the same filesystem),
+    so that a watched folder sees one rename into it rather than a file made, written,
+    closed and renamed within it."""
+    temporary = temporary_name(path, scratch)
     try:
         with open(temporary, "wb") as handle:
             handle.write(data)
@@ -102,8 +107,8 @@ def _remove_quietly(path: Path) -> None:
         pass  # a folder that went away or turned read-only: the start-up sweep removes it
 
 
-def write_json_atomic(path: Path, value: object) -> None:
-    write_atomic(path, orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
+def write_json_atomic(path: Path, value: object, scratch: Path | None = None) -> None:
+    write_atomic(path, orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n", scratch)
 
 
 def remove_temporaries(folder: Path) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 
 from servicekit import Harness, write_config
 
-from runner.client import EngineClient
+from runner.client import EngineClient, LoadWatch
 from runner.types import EngineLoadError, ModelSpec
 from watcher.config import load_config
 from watcher.engines import EngineKeeper
@@ -27,11 +27,13 @@ class GatedEngines(EngineKeeper):
         self.gate = threading.Event()
         self.asked = threading.Event()  # a job is waiting at the gate
 
-    def client_for(self, spec: ModelSpec) -> tuple[EngineClient, float]:
+    def client_for(
+        self, spec: ModelSpec, watch: LoadWatch | None = None
+    ) -> tuple[EngineClient, float]:
         self.asked.set()
         if not self.gate.wait(GATE_SECONDS):
             raise EngineLoadError("the test never opened the gate")
-        return super().client_for(spec)
+        return super().client_for(spec, watch)
 
 
 def start_gated(root: Path, **overrides: Any) -> tuple[Harness, GatedEngines]:

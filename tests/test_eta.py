@@ -252,7 +252,7 @@ def running_job(tmp_path: Path, service: Service) -> Running:
     job.total, job.status = 400, JobStatus.IN_PROGRESS
     job.estimate = estimate_run(JobShape("fake", CHAT, 400, 400 * 100, {64: 400}), []).as_dict()
     running = Running(job=job)
-    running.run_started = time.monotonic() - 10.0  # ten seconds into its run
+    running.started = running.run_started = time.monotonic() - 10.0  # ten seconds into its run
     return running
 
 

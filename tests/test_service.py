@@ -213,7 +213,8 @@ def test_queue_positions_priority_and_first_come_first_served(tmp_path: Path) ->
 
 def check_the_queue(slow_harness: Harness) -> None:
     inbox = slow_harness.inbox
-    drop(inbox, "long.jsonl", chat_file(200))
+    # Ten seconds of work, so that it still runs after three drops on a busy machine.
+    drop(inbox, "long.jsonl", chat_file(400))
     slow_harness.run_until(lambda: status_of(inbox / "long.status") == "in_progress", 5)
     drop(inbox, "early.jsonl", chat_file(2))
     slow_harness.run_until(lambda: status_of(inbox / "early.status") == "queued", 5)
@@ -248,7 +249,7 @@ def check_the_queue(slow_harness: Harness) -> None:
 
     (inbox / "long.cancel").touch()  # then the queue runs
     statuses = [inbox / f"{stem}.status" for stem in ("long", "urgent", "early", "late")]
-    slow_harness.run_until(lambda: all_finished(slow_harness, *statuses), 15)
+    slow_harness.run_until(lambda: all_finished(slow_harness, *statuses), 30)
     assert run_order(slow_harness) == ["long.jsonl", "urgent.jsonl", "early.jsonl", "late.jsonl"]
     assert status_of(inbox / "long.status") == "cancelled"
     assert read_json(inbox / "urgent.status")["priority"] == 5

@@ -39,5 +39,9 @@ def test_the_unit_is_a_notify_service_with_a_watchdog_and_no_privileges() -> Non
     assert settings["ProtectSystem"] == "strict"
     assert settings["PrivateTmp"] == "yes"
     assert settings["User"] == settings["Group"] == "batchbox"
-    assert "/srv/batchbox/inbox" in settings["ReadWritePaths"]
+    # One writable path holding inbox, outbox and state: renames between them must not
+    # cross from one mount to another (each ReadWritePaths= entry is a mount of its own).
+    assert settings["ReadWritePaths"] == "/srv/batchbox"
+    read_only = " ".join(line for line in text.splitlines() if line.startswith("ReadOnlyPaths="))
+    assert "/srv/batchbox/.venv" in read_only and "/srv/batchbox/config.yaml" in read_only
     assert "char-nvidia-frontend rw" in text  # the GPU stays reachable

@@ -68,7 +68,8 @@ def claim_job(path: Path, config: Config, sequence: int) -> tuple[Job, str | Non
     try:
         write_status(job)  # the sidecar stands in the inbox from the moment the file is gone
         ticket_model = _take_ticket(path, job)
-        write_status(job)  # the job record keeps the ticket's values for a restart
+        if job.has_ticket:
+            write_status(job)  # the job record keeps the ticket's values for a restart
     except OSError as error:
         raise ClaimInterrupted(job.work, error) from error
     return job, ticket_model

@@ -3,15 +3,16 @@ load: what validation asks before a job is queued, and what the queue's ETAs add
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import structlog
 
 from benchmarks.estimator import RECENT, Estimate, JobShape, estimate_run, load_seconds_for
-from benchmarks.record import append_pace, pace_record, read_history, read_paces
+from benchmarks.record import History, append_pace, pace_record, read_paces
 from runner.types import EngineInfo
 from watcher.config import Config
 from watcher.jobs import Job
 from watcher.sidecars import iso, now
+
+log = structlog.get_logger()
 
 
 def job_shape(job: Job, hardware: str | None = None) -> JobShape:
@@ -25,15 +26,11 @@ def job_shape(job: Job, hardware: str | None = None) -> JobShape:
     )
 
 
-def history(state: Path) -> list[dict[str, Any]]:
-    """The benchmark history the estimates rest on."""
-    return list(read_history(state))
-
-
-def estimate_job(job: Job, state: Path, hardware: str | None = None) -> Estimate:
+def estimate_job(job: Job, history: History, hardware: str | None = None) -> Estimate:
     """The job's run time from the history, and from the paces engines timed at their load
     (what a model with no finished job yet is estimated from)."""
-    return estimate_run(job_shape(job, hardware), [*read_paces(state), *history(state)])
+    records = [*read_paces(history.state), *history.records()]
+    return estimate_run(job_shape(job, hardware), records)
 
 
 def record_pace(job: Job, config: Config, info: EngineInfo) -> None:
@@ -51,17 +48,29 @@ def record_pace(job: Job, config: Config, info: EngineInfo) -> None:
         finished_at=iso(now()) or "",
     )
     append_pace(state, record)
-    job.estimate = estimate_job(job, state).as_dict()
+    job.estimate = estimate_job(job, History(state)).as_dict()
 
 
-def expected_load_seconds(model: str, state: Path) -> float:
+def expected_load_seconds(model: str, history: History) -> float:
     """How long loading the model is expected to take, from its earlier loads here."""
-    return load_seconds_for(model, history(state))
+    return load_seconds_for(model, history.records())
 
 
-def expected_load(model: str, state: Path) -> tuple[float, str]:
+def compact_history(history: History, force: bool) -> None:
+    """Keep the history file to what estimates use (at a start, or once it has doubled); a
+    disk that refuses the rewrite leaves the file as it was, and the service goes on."""
+    try:
+        dropped = history.compact(force=force)
+    except OSError as error:
+        log.warning("history_not_compacted", error=str(error))
+        return
+    if dropped:
+        log.info("history_compacted", dropped=dropped, kept=len(history.records()))
+
+
+def expected_load(model: str, history: History) -> tuple[float, str]:
     """How long loading the model is expected to take, and what that rests on, in words."""
-    records = history(state)
+    records = history.records()
     seen = sum(
         1
         for record in records

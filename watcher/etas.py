@@ -4,28 +4,35 @@ job as the queue moves, and the running job's time left from its engine's progre
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 from benchmarks.estimator import load_seconds_for
+from benchmarks.record import History
 from benchmarks.refine import Refined, refine
-from watcher.estimates import estimate_job, history
+from watcher.estimates import estimate_job
 from watcher.forecast import eta_basis
 from watcher.jobqueue import JobQueue, Planned, plan_queue
-from watcher.jobs import Job, write_eta, write_status
+from watcher.jobs import Job, show_status, write_eta, write_status
 from watcher.sidecars import now
 from watcher.worker import Running
 
-# The sidecars of queued jobs are brought up to date QUEUE_MIN_SECONDS after a change of the
-# queue and at least every QUEUE_SECONDS. Each write is an fsync, so a job's sidecars are
-# rewritten only when what they show has changed (or to refresh a stale `.eta`), front of the
-# queue first; a long queue is done over several turns of the loop (SLICE_SECONDS each), and
-# the next pass waits UPKEEP_RATIO times as long as the last one took, so that keeping a long
-# queue's sidecars current never takes more than a fifth of the loop's time.
+# The sidecars of queued jobs are brought up to date by passes over the queue: one
+# QUEUE_MIN_SECONDS after a change of the queue, and one every QUEUE_SECONDS while the
+# running job moves on. A pass plans the whole queue (arithmetic only) and rewrites the
+# sidecars of the first HEAD jobs whose place or expected finish changed, then of BUDGET
+# more, taken in turn through the rest of the queue, so that a pass writes at most
+# HEAD + BUDGET jobs' sidecars however long the queue is: the first HEAD jobs are up to
+# date within a pass, and every queued job within ceil((queued - HEAD) / BUDGET) passes.
+# Each write is an fsync: a job's sidecars are rewritten only when what they show changed
+# (or to refresh an `.eta` older than ETA_REFRESH_SECONDS), and a pass on a slow disk stops
+# after SLICE_SECONDS, going on where it stopped at the next one.
 QUEUE_MIN_SECONDS = 1.0
 QUEUE_SECONDS = 5.0
-UPKEEP_RATIO = 4.0
-SLICE_SECONDS = 0.5
+HEAD = 10
+BUDGET = 10
+SLICE_SECONDS = 0.25
 ETA_REFRESH_SECONDS = 60.0
 ETA_SLACK_SECONDS = 5.0  # an expected finish that moved less than this is not rewritten
 
@@ -102,89 +109,154 @@ def write_running_eta(running: Running) -> None:
 # -- the queue -----------------------------------------------------------------------------
 
 
-class QueueEtas:
-    """Keeps the `.eta` and `.status` of queued jobs current as the queue moves."""
+@dataclass(frozen=True)
+class Slot:
+    """A queued job's place in time, as last planned: when it is expected to finish (on the
+    monotonic clock), the model loaded by then, and what the `.eta` basis says of it."""
 
-    def __init__(self, state: Path) -> None:
-        self.state = state
+    finish_at: float
+    model: str | None
+    plan: Planned
+
+
+class QueueEtas:
+    """Keeps the `.eta` and `.status` of queued jobs current as the queue moves, at a cost
+    per pass that does not grow with the queue (see HEAD and BUDGET)."""
+
+    def __init__(self, history: History) -> None:
+        self.history = history
         self.changed = False
-        self.pass_unfinished = False
-        self.pass_seconds = 0.0  # time spent on the current or last pass
         self.last_update = 0.0
+        self.cursor = 0  # where in the queue beyond its head the next pass goes on
+        self.slots: dict[str, Slot] = {}  # job id -> its place in time at the last planning
         self.eta_written: dict[str, float] = {}  # job id -> when its queued `.eta` was written
+        self.plans = 0  # how many times the whole queue was planned
 
     def forget(self, job: Job) -> None:
         """The job left the queue."""
         self.changed = True
+        self.slots.pop(job.id, None)
         self.eta_written.pop(job.id, None)
 
-    def planned(
-        self, queue: JobQueue, running: Running | None, loaded: str | None
-    ) -> list[tuple[int, Job, Planned]]:
-        """Each queued job with its place (from 1) and when it is expected to start and end."""
-        records = history(self.state)
-        jobs = list(queue)
+    def plan(self, jobs: list[Job], running: Running | None, loaded: str | None) -> None:
+        """Plan the whole queue: each job's place in time, from the running job's time left,
+        the jobs' estimates, and a model load at each switch."""
+        self.plans += 1
+        records = self.history.records()
+        models = {job.model or "" for job in jobs}
         plans = plan_queue(
             jobs,
             {job.id: float((job.estimate or {}).get("run_seconds", 0.0)) for job in jobs},
-            {job.model or "": load_seconds_for(job.model or "", records) for job in jobs},
+            {model: load_seconds_for(model, records) for model in models},
             running.job.model if running else loaded,
             running_left(running) if running else None,
         )
-        return [(position, job, plans[job.id]) for position, job in enumerate(jobs, start=1)]
+        moment = time.monotonic()
+        self.slots = {
+            job.id: Slot(moment + plans[job.id].finish, job.model, plans[job.id]) for job in jobs
+        }
 
-    def place_new(self, job: Job, queue: JobQueue, running: Running | None, loaded: str | None):
-        """Show a job that just joined the queue where it stands."""
-        self.changed = True
-        for position, queued, plan in self.planned(queue, running, loaded):
-            if queued is job:
-                job.queue_position = position
-                self.show_eta(job, plan)
+    def place_new(
+        self, job: Job, queue: JobQueue, running: Running | None, loaded: str | None
+    ) -> None:
+        """Show a job that just joined the queue where it stands, planned after the job
+        ahead of it without planning the rest again; the jobs behind it, if it overtook
+        any, learn their new places at the next pass."""
+        index = queue.index(job)
+        ahead = queue.jobs[index - 1] if index else None
+        if ahead is not None and ahead.id not in self.slots:
+            self.plan(list(queue), running, loaded)  # recovered jobs, never planned yet
+        else:
+            self.slots[job.id] = self.slot_after(job, ahead, running, loaded)
+        if index + 1 < len(queue):
+            self.changed = True
+        job.queue_position = index + 1
+        self.show_eta(job, self.slots[job.id])
+
+    def slot_after(
+        self, job: Job, ahead: Job | None, running: Running | None, loaded: str | None
+    ) -> Slot:
+        moment = time.monotonic()
+        if ahead is not None:
+            before = self.slots[ahead.id]
+            start, model, jobs_ahead = before.finish_at, before.model, before.plan.ahead + 1
+        elif running is not None:
+            start, model, jobs_ahead = moment + running_left(running), running.job.model, 1
+        else:
+            start, model, jobs_ahead = moment, loaded, 0
+        load = job.model != model
+        if load:
+            start += load_seconds_for(job.model or "", self.history.records())
+        finish = start + float((job.estimate or {}).get("run_seconds", 0.0))
+        plan = Planned(start=start - moment, finish=finish - moment, ahead=jobs_ahead, load=load)
+        return Slot(finish, job.model, plan)
 
     def estimate_again(self, queue: JobQueue) -> None:
         """Estimate the queued jobs again from what the history has learnt meanwhile (the
-        pace of an engine just loaded); the next update shows the new ETAs."""
+        pace of an engine just loaded); the next pass shows the new ETAs."""
         for job in queue:
-            job.estimate = estimate_job(job, self.state).as_dict()
+            job.estimate = estimate_job(job, self.history).as_dict()
         self.changed = True
 
     def update_due(self) -> bool:
-        if self.pass_unfinished:
-            return True
         since = time.monotonic() - self.last_update
-        if since < UPKEEP_RATIO * self.pass_seconds:
-            return False
         return since >= QUEUE_SECONDS or (self.changed and since >= QUEUE_MIN_SECONDS)
 
-    def update(self, queue: JobQueue, running: Running | None, loaded: str | None) -> None:
-        """Rewrite the sidecars of the queued jobs whose place or expected finish changed,
-        for one slice of time; a pass left unfinished goes on at the next turn."""
-        started = time.monotonic()
-        if not self.pass_unfinished:
-            self.changed = False
-            self.pass_seconds = 0.0
-        self.pass_unfinished = False
-        for position, job, plan in self.planned(queue, running, loaded):
-            if time.monotonic() - started >= SLICE_SECONDS:
-                self.pass_unfinished = True
+    def update(
+        self,
+        queue: JobQueue,
+        running: Running | None,
+        loaded: str | None,
+        give_way: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """One pass: plan the queue, bring the first HEAD jobs' sidecars up to date, then
+        BUDGET more in turn through the rest of the queue. When `give_way` says so (the
+        running job has ended, and the next one waits to start), the pass stops between two
+        jobs; the next pass comes QUEUE_MIN_SECONDS later, as after any change."""
+        started = self.last_update = time.monotonic()
+        self.changed = False
+        jobs = list(queue)
+        self.plan(jobs, running, loaded)
+        for position, job in enumerate(jobs[:HEAD], start=1):
+            if give_way():
+                self.changed = True
+                return
+            self.refresh(job, position)
+        rest = len(jobs) - HEAD
+        written = looked = 0
+        while looked < rest and written < BUDGET:
+            if time.monotonic() - started >= SLICE_SECONDS or give_way():
                 break
-            moved = job.queue_position != position
-            job.queue_position = position
-            if self.show_eta(job, plan, force=moved) or moved:
-                write_status(job)
-        self.last_update = time.monotonic()
-        self.pass_seconds += self.last_update - started
+            index = HEAD + self.cursor % rest
+            self.cursor = (self.cursor + 1) % rest
+            looked += 1
+            written += self.refresh(jobs[index], index + 1)
 
-    def show_eta(self, job: Job, plan: Planned, force: bool = True) -> bool:
+    def refresh(self, job: Job, position: int) -> bool:
+        """Rewrite a queued job's sidecars if what they show changed; whether it did. The
+        spool record is rewritten with them only when the expected finish moved, since the
+        place in the queue is worked out again at every start."""
+        moved = job.queue_position != position
+        job.queue_position = position
+        if self.show_eta(job, self.slots[job.id], force=moved):
+            write_status(job)
+            return True
+        if moved:
+            show_status(job)
+        return moved
+
+    def show_eta(self, job: Job, slot: Slot, force: bool = True) -> bool:
         """Write a queued job's `.eta` when forced, when its expected finish moved, or when it
-        is due a refresh; whether it was written (its `.status` carries the same eta)."""
-        finish = now() + timedelta(seconds=round(plan.finish))
-        slack = max(ETA_SLACK_SECONDS, 0.02 * plan.finish)
+        is due a refresh; whether its expected finish was rewritten (its `.status` and its
+        record carry the same eta)."""
+        seconds = max(slot.finish_at - time.monotonic(), 0.0)
+        finish = now() + timedelta(seconds=round(seconds))
+        slack = max(ETA_SLACK_SECONDS, 0.02 * seconds)
         moved = job.eta is None or abs((finish - job.eta).total_seconds()) >= slack
         written = self.eta_written.get(job.id)
         stale = written is None or time.monotonic() - written >= ETA_REFRESH_SECONDS
         if not (force or moved or stale):
             return False
-        write_eta(job, plan.finish, eta_basis(job, plan))
+        write_eta(job, seconds, eta_basis(job, slot.plan))
         self.eta_written[job.id] = time.monotonic()
-        return True
+        return moved or stale

@@ -13,7 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -26,6 +35,17 @@ IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload", "~"
 USER_SUFFIXES = {".jsonl": "job", ".yaml": "ticket", ".yml": "ticket", ".cancel": "cancel"}
 SIDECAR_SUFFIXES = (".status", ".eta")
 CANDIDATE_KINDS = frozenset({"job", "ticket", "cancel", "sidecar"})
+# The events InboxHandler acts on. Left to its default, the watcher also reports every open
+# and every read of anything in the inbox, the folder itself included: each fsync of the
+# folder after a sidecar is written would be two more events for it to go through.
+WATCHED_EVENTS = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+]
 
 
 def classify(name: str) -> str:
@@ -104,7 +124,9 @@ def start_observer(
 ) -> BaseObserver:
     """Watch the inbox recursively (inotify, or polling for network mounts) and start it."""
     observer: BaseObserver = PollingObserver(timeout=poll_interval) if polling else Observer()
-    observer.schedule(InboxHandler(put, inbox), str(inbox), recursive=True)
+    observer.schedule(
+        InboxHandler(put, inbox), str(inbox), recursive=True, event_filter=WATCHED_EVENTS
+    )
     observer.start()
     return observer
 

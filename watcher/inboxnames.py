@@ -147,10 +147,12 @@ def read_small(path: Path, purpose: str, limit: int = MAX_SIDECAR_BYTES) -> byte
     return None if size > limit else b"".join(chunks)
 
 
-def write_file(path: Path, data: bytes, purpose: str) -> bool:
+def write_file(path: Path, data: bytes, purpose: str, scratch: Path | None = None) -> bool:
     """Replace the name with `data` atomically (temporary file, fsync, rename, fsync the
     folder); False when a folder stands under the name, or the folder holding it is gone or
-    is not a real folder. A full or failing disk is raised."""
+    is not a real folder. The temporary is made in `scratch` when given (a folder of the
+    service's on the same filesystem), so the inbox's watcher sees one rename, not a file
+    made, written, closed and renamed. A full or failing disk is raised."""
     with inbox_folder(path.parent) as folder:
         if folder is None:
             return False
@@ -158,17 +160,20 @@ def write_file(path: Path, data: bytes, purpose: str) -> bool:
         if info is not None and stat.S_ISDIR(info.st_mode):
             note_skipped(path, info, f"{path.name} is a folder: the {purpose} is not written")
             return False
-        temporary = temporary_name(path).name
-        descriptor = os.open(temporary, _CREATE_FLAGS, 0o666, dir_fd=folder)
+        if scratch is not None:
+            temporary, where = str(temporary_name(path, scratch)), None
+        else:
+            temporary, where = temporary_name(path).name, folder
+        descriptor = os.open(temporary, _CREATE_FLAGS, 0o666, dir_fd=where)
         try:
             with os.fdopen(descriptor, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(temporary, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+            os.replace(temporary, path.name, src_dir_fd=where, dst_dir_fd=folder)
         except BaseException:
             try:
-                os.unlink(temporary, dir_fd=folder)
+                os.unlink(temporary, dir_fd=where)
             except OSError:
                 pass  # the start-up sweep of temporaries removes it
             raise

@@ -3,6 +3,7 @@ when the service stopped goes first again, so it resumes before anything new sta
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from watcher.jobs import Job, JobStatus
@@ -17,8 +18,15 @@ class JobQueue:
         self.jobs: list[Job] = []
 
     def push(self, job: Job) -> None:
-        self.jobs.append(job)
-        self.jobs.sort(key=_order)
+        """Put the job in its place: after every job that goes before it or ties with it."""
+        self.jobs.insert(bisect.bisect_right(self.jobs, _order(job), key=_order), job)
+
+    def index(self, job: Job) -> int:
+        """The job's place from 0, found by its order rather than by a walk of the queue."""
+        place = bisect.bisect_left(self.jobs, _order(job), key=_order)
+        while self.jobs[place] is not job:
+            place += 1  # ties in order: a job recovered with the same sequence
+        return place
 
     def pop(self) -> Job | None:
         return self.jobs.pop(0) if self.jobs else None

@@ -257,9 +257,15 @@ def write_record(job: Job) -> None:
 def write_status(job: Job) -> None:
     """Persist the job's record and rewrite its `.status` sidecar, both atomically."""
     write_record(job)
+    show_status(job)
+
+
+def show_status(job: Job) -> None:
+    """Rewrite the `.status` sidecar alone, for what the record need not keep: a queued
+    job's place in the queue, which is worked out again at every start."""
     path = job.sidecar(STATUS)
     if path is not None and path.parent.is_dir():
-        write_sidecar(path, job.status_document())
+        write_sidecar(path, job.status_document(), _scratch(job))
 
 
 def write_eta(job: Job, seconds: float, basis: str) -> None:
@@ -268,7 +274,13 @@ def write_eta(job: Job, seconds: float, basis: str) -> None:
     written = now()
     job.eta = written + timedelta(seconds=round(seconds))
     if path is not None and path.parent.is_dir():
-        write_sidecar(path, eta_document(job.eta, seconds, written, basis))
+        write_sidecar(path, eta_document(job.eta, seconds, written, basis), _scratch(job))
+
+
+def _scratch(job: Job) -> Path | None:
+    """Where a sidecar's temporary file is written: the job's spool folder, on the inbox's
+    filesystem, while it is there (the last `.status` is written after it has gone)."""
+    return job.work if job.work.is_dir() else None
 
 
 def fail_job(job: Job, code: str, message: str, line: int | None = None) -> None:

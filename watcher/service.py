@@ -23,7 +23,7 @@ from pathlib import Path
 
 import structlog
 
-from benchmarks.record import knows_pace
+from benchmarks.record import History, knows_pace
 from runner.durable import is_disk_trouble
 from runner.run import Progress
 from watcher.aside import set_aside
@@ -32,7 +32,12 @@ from watcher.deliver import deliver_job
 from watcher.diskwait import DiskWait
 from watcher.engines import EngineKeeper
 from watcher.errors import StartError
-from watcher.estimates import estimate_job, expected_load, expected_load_seconds
+from watcher.estimates import (
+    compact_history,
+    estimate_job,
+    expected_load,
+    expected_load_seconds,
+)
 from watcher.etas import QueueEtas, write_running_eta
 from watcher.inbox import Candidate, start_observer
 from watcher.inboxnames import is_regular, make_model_folders, remove_file
@@ -49,9 +54,14 @@ from watcher.worker import Running, start_job
 log = structlog.get_logger()
 
 STATUS_SECONDS = 5.0  # sidecars of a running job are rewritten at least this often
+# ...and first this long after it starts: a job done sooner goes from in_progress to its end
+# without sidecars in between, which in a burst of small files would be most of the writes.
+FIRST_STATUS_SECONDS = 0.5
 SWEEP_SECONDS = 60.0
-# Shares of stop_timeout_seconds, from the stop being asked for: until then the running job
-# may stop by itself; until then the engine may close by itself; it is killed after that.
+# Shares of stop_timeout_seconds, from the stop being asked for: until then a claim may
+# finish its file; until then the running job may stop by itself; until then the engine may
+# close by itself; it is killed after that.
+STOP_CLAIM_SHARE = 0.1
 STOP_JOB_SHARE = 0.6
 STOP_ENGINE_SHARE = 0.9
 
@@ -70,7 +80,8 @@ class Service:
         self.disk = DiskWait(self.state, config.min_free_bytes)
         self.intake = Intake(config, self.disk, self.take_job, self.cancel)
         self.queue = JobQueue()
-        self.etas = QueueEtas(self.state)
+        self.history = History(self.state)
+        self.etas = QueueEtas(self.history)
         self.running: Running | None = None
         self.stopping = threading.Event()
         self.stop_asked: float | None = None
@@ -87,6 +98,7 @@ class Service:
         make_model_folders(self.inbox, list(self.config.models))
         spool_folder(self.state).mkdir(parents=True, exist_ok=True)
         self.outbox.mkdir(parents=True, exist_ok=True)
+        compact_history(self.history, force=True)
         self.recover()
         self.observer = start_observer(
             self.inbox, self.intake.events.put, polling=self.config.observer == "polling"
@@ -113,6 +125,7 @@ class Service:
             end = asked + share * self.config.stop_timeout_seconds
             return max(end - time.monotonic(), 0.0)
 
+        self.intake.stop_claiming(left(STOP_CLAIM_SHARE))
         if self.running is not None:
             self.running.thread.join(left(STOP_JOB_SHARE))
             self.collect_finished_job()
@@ -171,7 +184,7 @@ class Service:
             self.pace_measured.clear()
             self.etas.estimate_again(self.queue)
         if self.etas.update_due():
-            self.etas.update(self.queue, self.running, self.engines.model)
+            self.etas.update(self.queue, self.running, self.engines.model, self.job_ended)
             self.status_line()
         if self.running is None and len(self.queue) == 0:
             self.engines.unload_if_idle(self.config.idle_unload_seconds)
@@ -194,7 +207,7 @@ class Service:
     def enqueue(self, job: Job) -> None:
         """Queue a validated job: its `.eta` and `.status` say where it stands at once; the
         jobs it overtook learn their new places at the next queue update."""
-        job.estimate = estimate_job(job, self.state).as_dict()
+        job.estimate = estimate_job(job, self.history).as_dict()
         self.queue.push(job)
         self.etas.place_new(job, self.queue, self.running, self.engines.model)
         mark_queued(job)
@@ -244,8 +257,8 @@ class Service:
         if self.intake.stems.owner(path.parent, stem) is not None:
             log.info("job_cancel_waits", path=str(path))
             return  # its job waits for the disk: the cancel applies once it is back
-        if (path.parent / f"{stem}.jsonl").exists():
-            return  # its file is still settling: the cancel applies once it is claimed
+        if (path.parent / f"{stem}.jsonl").exists() or self.intake.claiming(path.parent, stem):
+            return  # its file is still settling or being taken: the cancel applies after
         log.warning("cancel_without_job", path=str(path))
         remove_file(path, "cancel file")
 
@@ -258,7 +271,7 @@ class Service:
         self.etas.forget(job)
         running = Running(job=job)
         if self.engines.model != job.model:
-            running.load_seconds = expected_load_seconds(job.model or "", self.state)
+            running.load_seconds = expected_load_seconds(job.model or "", self.history)
         self.running = running
         start_job(
             running,
@@ -273,12 +286,20 @@ class Service:
         )
 
     def progress(self, running: Running, progress: Progress) -> None:
-        first = running.run_started is None  # the load is over: said at once
+        # The first progress after a load of its model: the load is over, said at once.
+        loaded = running.run_started is None and running.loading_began is not None
         running.note_progress(progress)
-        # Written at once when the load is over, and as soon as the engine's counters first
-        # move (the refined ETA); else every STATUS_SECONDS.
+        # Written at once when a load is over (the sidecars said "loading"), and when the
+        # engine's counters first move (the first refined ETA); else FIRST_STATUS_SECONDS
+        # after the start, so that a job done sooner writes nothing in between, and then
+        # every STATUS_SECONDS.
         first_counters = running.counters_moved(progress)
-        if first or first_counters or time.monotonic() - running.last_status >= STATUS_SECONDS:
+        since_start = time.monotonic() - running.started
+        if running.last_status:
+            due = time.monotonic() - running.last_status >= STATUS_SECONDS
+        else:
+            due = since_start >= FIRST_STATUS_SECONDS
+        if loaded or due or (first_counters and since_start >= FIRST_STATUS_SECONDS):
             running.last_status = time.monotonic()
             write_running_eta(running)
             write_status(running.job)
@@ -288,17 +309,22 @@ class Service:
         load begins and at least every STATUS_SECONDS, the `.eta` counting the rest of it."""
         if running.note_loading(began):
             model = running.job.model or ""
-            running.load_seconds, running.load_basis = expected_load(model, self.state)
+            running.load_seconds, running.load_basis = expected_load(model, self.history)
             running.last_status = 0.0
         if time.monotonic() - running.last_status >= STATUS_SECONDS:
             running.last_status = time.monotonic()
             write_running_eta(running)
             write_status(running.job)
 
+    def job_ended(self) -> bool:
+        """Whether the running job has ended, so that the next one waits to be started."""
+        return self.running is not None and self.running.ended.is_set()
+
     def collect_finished_job(self) -> None:
         running = self.running
-        if running is None or running.thread.is_alive():
+        if running is None or not running.ended.is_set():
             return
+        running.thread.join()  # returning from its last call: the end woke this loop
         self.running = None
         job = running.job
         if running.trouble is not None:
@@ -306,6 +332,7 @@ class Service:
         elif job.status.finished:
             log.info("job_finished", **job.summary())
             self.disk.succeeded()
+            compact_history(self.history, force=False)
         self.engines.touch()
 
     # -- recovery -----------------------------------------------------------------------

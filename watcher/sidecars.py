@@ -101,11 +101,13 @@ def encode(document: dict[str, Any]) -> bytes:
     return orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
 
 
-def write_sidecar(path: Path, document: dict[str, Any]) -> None:
-    """Write a sidecar atomically. A name the inbox cannot hold (too long, taken by a folder)
-    is logged and the job goes on without it; a full or failing disk is raised."""
+def write_sidecar(path: Path, document: dict[str, Any], scratch: Path | None = None) -> None:
+    """Write a sidecar atomically, from a temporary file in `scratch` (the job's spool
+    folder) where there is one: each temporary made in the inbox would be four more events
+    for the inbox's watcher to go through. A name the inbox cannot hold (too long, taken by
+    a folder) is logged and the job goes on without it; a full or failing disk is raised."""
     try:
-        write_file(path, encode(document), "sidecar")
+        write_file(path, encode(document), "sidecar", scratch)
     except OSError as error:
         if is_disk_trouble(error):
             raise

@@ -27,6 +27,7 @@ class Running:
     job: Job
     thread: threading.Thread = field(default_factory=lambda: threading.Thread(target=None))
     cancel: threading.Event = field(default_factory=threading.Event)
+    ended: threading.Event = field(default_factory=threading.Event)  # set before `on_end`
     started: float = field(default_factory=time.monotonic)
     load_seconds: float = 0.0  # the expected model load before it runs, 0 when loaded
     loading_began: float | None = None  # when the load of its model began, while it loads
@@ -79,7 +80,8 @@ def start_job(
     on_pace: Callable[[Job], None] = lambda job: None,
     on_loading: Callable[[Running, float], None] = lambda running, began: None,
 ) -> None:
-    """Run the job on a thread of its own; `on_end` is called when the thread is done."""
+    """Run the job on a thread of its own; `on_end` is called when it is done, after
+    `running.ended` is set, so whoever `on_end` wakes finds the job ended."""
     job = running.job
     hooks = RunHooks(
         on_progress=lambda job, progress: on_progress(running, progress),
@@ -99,6 +101,7 @@ def start_job(
             if not stopping.is_set():
                 running.trouble = fail_crashed(job, config, outbox, error)
         finally:
+            running.ended.set()
             on_end()
 
     running.thread = threading.Thread(target=work, name=f"job-{job.id}", daemon=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from datetime import timedelta
 
-from benchmarks.record import read_history
+from benchmarks.record import History
 from watcher.commands.arguments import input_file, known_model
 from watcher.config import Config
 from watcher.errors import EXIT_OK, CommandFailed
@@ -39,10 +39,11 @@ def show_estimate(args: argparse.Namespace, config: Config) -> int:
     except JobError as error:
         raise CommandFailed(error.message) from None
     state = config.folder("state")
-    job.estimate = estimate_job(job, state).as_dict()
+    history = History(state)
+    job.estimate = estimate_job(job, history).as_dict()
     job.sequence = 1 << 62  # behind every job already queued at its priority
-    history = read_history(state)
-    forecast = forecast_job(job, spool_jobs(state), history, config.idle_unload_seconds)
+    records = history.records()
+    forecast = forecast_job(job, spool_jobs(state), records, config.idle_unload_seconds)
     print(f"{path.name}: {job.total} requests on {job.model} ({job.endpoint})")
     print(f"run time: about {format_seconds(forecast.run_seconds)}")
     if forecast.plan.ahead:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import structlog
 
+from benchmarks.record import History
 from watcher.commands.arguments import input_file, known_model
 from watcher.config import Config
 from watcher.deliver import deliver_job
@@ -105,7 +106,7 @@ def validated_run_job(config: Config, path: Path, model: str | None, outbox: Pat
     if job.errors:
         target = deliver_job(job, config, outbox, JobStatus.FAILED)
         raise CommandFailed(f"{job.errors[0]['message']} (details in {target})")
-    job.estimate = estimate_job(job, config.folder("state")).as_dict()
+    job.estimate = estimate_job(job, History(config.folder("state"))).as_dict()
     return job
 
 

@@ -114,6 +114,9 @@ class Job:
     # crash is recorded with its whole time, not its last run's (kept every status write).
     run_seconds: float = 0.0
     runs: int = 0
+    # What the engine has done for the job while it runs, for its `.status` (not recorded:
+    # worked out again from the engine when the job runs).
+    progress: dict[str, Any] | None = None
 
     @property
     def out(self) -> Path:
@@ -149,6 +152,7 @@ class Job:
             errors=self.errors,
             priority=self.priority,
             metadata=self.metadata,
+            progress=self.progress if self.status is JobStatus.IN_PROGRESS else None,
         )
 
     def final_document(self, final: JobStatus) -> dict[str, Any]:

@@ -48,7 +48,6 @@ from watcher.worker import Running, start_job
 
 log = structlog.get_logger()
 
-STATUS_SECONDS = 5.0  # sidecars of a running job are rewritten at least this often
 SWEEP_SECONDS = 60.0
 
 
@@ -259,7 +258,7 @@ class Service:
         running.note_progress(progress)
         # The refined ETA is written as soon as the engine's counters first move.
         first_counters = running.counters_moved(progress)
-        if first_counters or time.monotonic() - running.last_status >= STATUS_SECONDS:
+        if first_counters or time.monotonic() - running.last_status >= self.config.status_seconds:
             running.last_status = time.monotonic()
             write_running_eta(running)
             write_status(running.job)

@@ -7,16 +7,16 @@ prompt token, so a job's run time is
     seconds = per_token * C + per_step * S + per_prompt_token * P
 
 where C is the completion tokens, P the prompt tokens and S the engine steps. The steps are
-counted by replaying the batch: B slots (the job's requests, at most the engine's
-`max_num_seqs`, the runner's `max_in_flight`, and what the KV cache holds, in whole blocks),
-each request taking the first free slot for as long as its answer runs. So a job whose
-requests all fit in one batch takes as many steps as its longest answer, and the last
-answers, decoded nearly alone, cost steps rather than tokens. The three coefficients are
-fitted by non-negative least squares on the relative error over the recent jobs of the same
-model and endpoint on this machine; with fewer than three jobs the fit keeps the ratio
+counted by replaying the batch (benchmarks.batching): B slots (the job's requests, at most
+the engine's `max_num_seqs`, the runner's `max_in_flight`, and what the KV cache holds, in
+whole blocks), each request taking the first free slot for as long as its answer runs. So a
+job whose requests all fit in one batch takes as many steps as its longest answer, and the
+last answers, decoded nearly alone, cost steps rather than tokens. The three coefficients
+are fitted by non-negative least squares on the relative error over the recent jobs of the
+same model and endpoint on this machine; with fewer than three jobs the fit keeps the ratio
 between them from cautious defaults and only scales their sum. With no job at all the
-defaults stand: about 30 generated tokens a second, slow enough for a busy two-core CPU,
-so that a first estimate errs late.
+defaults stand: about 30 generated tokens a second, slow enough for a busy two-core CPU, so
+that a first estimate errs late.
 
 Prompt tokens are the prompt characters times tokens per character, plus what the chat
 template adds to each request, both fitted to the history (four characters a token and 32
@@ -39,17 +39,15 @@ probe stands in for the cautious defaults.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
-import random
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from benchmarks.batching import DEFAULT_CONCURRENCY, concurrency_of, record_features, replay
 from benchmarks.lengths import (
-    SIMULATED,
     expected_length,
     natural_tail,
     planned_lengths,
@@ -62,7 +60,6 @@ EMBEDDINGS = "/v1/embeddings"
 CHARS_PER_TOKEN = 4.0  # until history says otherwise
 CHAT_TEMPLATE_TOKENS = 32.0  # what a chat template adds to each request, until history says
 RECENT = 20
-DEFAULT_CONCURRENCY = 256
 # Cautious defaults for a model never run here: about 30 generated tokens a second in a
 # batch, 3 alone, 65 prompt tokens a second. Their ratios are those measured for a small
 # model on a two-core CPU, so that one or two calibrating jobs only need to fix the scale.
@@ -173,88 +170,6 @@ def _caps(shape: JobShape, cold: bool) -> dict[int, int]:
             value = min(value, COLD_COMPLETION_TOKENS)
         caps[value] = caps.get(value, 0) + count
     return caps
-
-
-# -- steps: the batch replayed -----------------------------------------------------------
-
-
-def concurrency_of(
-    requests: int, record: dict[str, Any] | None = None, tokens_per_request: float = 0.0
-) -> int:
-    """Requests decoded together: the job's, at most the engine's batch, the runner's
-    in-flight limit, and what fits in the KV cache (each request holds its prompt and its
-    answer, in whole blocks: 128 tokens on a CPU, 16 on a GPU unless the record says)."""
-    record = record or {}
-    settings = record.get("engine_settings") or {}
-    batch = settings.get("max_num_seqs") or DEFAULT_CONCURRENCY
-    in_flight = settings.get("max_in_flight") or batch
-    limit = min(requests, int(batch), int(in_flight))
-    cache = settings.get("kv_cache_tokens")
-    if cache and tokens_per_request > 0:
-        on_cpu = str(record.get("hardware") or "").startswith("CPU")
-        block = settings.get("kv_block_size") or (128 if on_cpu else 16)
-        limit = min(limit, int(cache // (block * math.ceil(tokens_per_request / block))))
-    return max(1, limit)
-
-
-def replay(lengths: list[float], concurrency: int, requests: int) -> tuple[float, list]:
-    """Continuous batching replayed: each request, in a fixed shuffled order, takes the first
-    free of `concurrency` slots for its length. Returns the steps, and the progress as the
-    share of the steps done at each tenth of the completion tokens.
-
-    A job with more than SIMULATED requests is replayed with fewer in the same ratio to the
-    batch, which keeps its steps and the shape of its progress."""
-    if not lengths:
-        return 0.0, []
-    order = list(lengths)
-    random.Random(0).shuffle(order)
-    slots = [0.0] * max(1, min(round(concurrency * len(order) / max(requests, 1)), len(order)))
-    changes: dict[float, int] = {}
-    for length in order:
-        start = heapq.heappop(slots)
-        heapq.heappush(slots, start + length)
-        changes[start] = changes.get(start, 0) + 1
-        changes[start + length] = changes.get(start + length, 0) - 1
-    running, tokens, previous, curve = 0, 0.0, 0.0, [(0.0, 0.0)]
-    for step in sorted(changes):
-        tokens += running * (step - previous)
-        running += changes[step]
-        previous = step
-        curve.append((tokens, step))
-    total_tokens, steps = curve[-1]
-    if steps <= 0:
-        return 0.0, []
-    progress = []
-    for tenth in range(1, 11):
-        target = total_tokens * tenth / 10
-        for (tokens_a, steps_a), (tokens_b, steps_b) in zip(curve, curve[1:]):
-            if tokens_b >= target - 1e-9:
-                share = (target - tokens_a) / (tokens_b - tokens_a) if tokens_b > tokens_a else 1
-                progress.append([tenth / 10, (steps_a + share * (steps_b - steps_a)) / steps])
-                break
-    return steps, [[0.0, 0.0], *progress]
-
-
-def sample_lengths(record: dict[str, Any], requests: int) -> list[float]:
-    """A finished job's answer lengths, one per request (at most SIMULATED), from its sample."""
-    lengths = sorted(float(tokens) for _, tokens, _ in record.get("completion_samples") or [])
-    if not lengths:
-        mean = record.get("completion_tokens", 0) / max(requests, 1)
-        return [mean] * min(requests, SIMULATED)
-    kept = min(requests, SIMULATED)
-    return [lengths[int((i + 0.5) * len(lengths) / kept)] for i in range(kept)]
-
-
-def record_features(record: dict[str, Any]) -> tuple[float, float, float]:
-    """(C, S, P) of a finished job, its steps replayed from its own answers' lengths."""
-    requests = record["request_counts"].get("completed", 0)
-    completion = float(record.get("completion_tokens", 0))
-    prompt = float(record.get("prompt_tokens", 0))
-    concurrency = concurrency_of(requests, record, (prompt + completion) / max(requests, 1))
-    if completion <= 0:
-        return 0.0, requests / concurrency, prompt  # pooling: one slot of a step a request
-    steps, _ = replay(sample_lengths(record, requests), concurrency, requests)
-    return completion, steps, prompt
 
 
 # -- the time model -----------------------------------------------------------------------

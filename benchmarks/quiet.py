@@ -2,7 +2,9 @@
 
 A CPU engine's pace is as good as the cores it gets, so a timing figure means little
 without this one. Other processes' CPU time is the machine's busy time (psutil's system
-CPU times less idle and I/O wait) less what this process and its descendants used.
+CPU times less idle and I/O wait) less what this process's whole tree used: itself and
+every descendant, such as a `batchbox serve` it started and that service's engine process,
+with the processes each of them started and has already waited for.
 """
 
 from __future__ import annotations
@@ -21,16 +23,19 @@ def machine_busy_seconds() -> float:
 
 
 def own_seconds() -> float:
-    """CPU seconds this process and every descendant have used, waited-for ones included."""
+    """CPU seconds this process and every descendant have used, waited-for ones included.
+
+    A process that has ended and been waited for is gone from the tree, and its time (with
+    its own waited-for descendants') is in its parent's children_* times: so each living
+    process counts its own and its children_* times, and nothing is counted twice."""
     me = psutil.Process(os.getpid())
-    spent = me.cpu_times()
-    total = spent.user + spent.system + spent.children_user + spent.children_system
-    for child in me.children(recursive=True):
+    total = 0.0
+    for process in [me, *me.children(recursive=True)]:
         try:
-            times = child.cpu_times()
+            times = process.cpu_times()
         except psutil.Error:
             continue  # ended meanwhile; its time is in its parent's children_* once waited
-        total += times.user + times.system
+        total += times.user + times.system + times.children_user + times.children_system
     return total
 
 

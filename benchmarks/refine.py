@@ -9,14 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.estimator import (
-    COLD,
-    DEFAULT_CONCURRENCY,
-    PRIOR_SHARE,
-    SIMULATED,
-    model_seconds,
-)
-from benchmarks.lengths import spread
+from benchmarks.batching import DEFAULT_CONCURRENCY
+from benchmarks.estimator import COLD, PRIOR_SHARE, model_seconds
+from benchmarks.lengths import SIMULATED, spread
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ from servicekit import (
 from stopkit import Owned, gone, owning
 
 from benchmarks.record import append_history, build_record
-from watcher import service as service_module
 from watcher.config import load_config
 from watcher.engines import EngineKeeper
 from watcher.execute import LOAD_TRIES
@@ -80,7 +79,10 @@ class Loading:
         self.gate = root / "gate"
         self.helper = root / "helper.pid"
         engine = {"fake_load_gate": str(self.gate), "fake_helper_pidfile": str(self.helper)}
-        self.config = load_config(write_config(root, settle_seconds=0.1, engine=engine))
+        # The running job's sidecars are refreshed every status_seconds (5): quicker here.
+        self.config = load_config(
+            write_config(root, settle_seconds=0.1, status_seconds=0.2, engine=engine)
+        )
         self.owned = owned
         self.inbox = self.config.folder("inbox")
         self.outbox = self.config.folder("outbox")
@@ -97,9 +99,7 @@ class Loading:
 
 
 @pytest.fixture
-def loading(tmp_path: Path, owned: Owned, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loading]:
-    # The running job's sidecars are refreshed every STATUS_SECONDS (5): quicker here.
-    monkeypatch.setattr(service_module, "STATUS_SECONDS", 0.2)
+def loading(tmp_path: Path, owned: Owned) -> Iterator[Loading]:
     site = Loading(tmp_path, owned)
     history_of_loads(site.config.folder("state"), "fake", [600.0, 600.0])
     site.service.start()

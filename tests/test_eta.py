@@ -46,10 +46,10 @@ from runner.pace import measure_pace
 from runner.run import Progress, RunOptions, run_lines
 from runner.types import ModelSpec
 from watcher.cli import main
-from watcher.config import load_config
+from watcher.config import ConfigError, load_config
 from watcher.engines import EngineKeeper
 from watcher.execute import RunHooks, execute_job
-from watcher.jobs import Job, JobStatus, load_job, write_eta, write_status
+from watcher.jobs import Job, JobStatus, load_job, mark_finalizing, write_eta, write_status
 from watcher.service import Service
 from watcher.sidecars import iso, now
 from watcher.spool import INPUT
@@ -278,6 +278,64 @@ def test_until_the_engine_counts_anything_the_eta_is_the_estimate_less_the_time_
     after = read_json(sidecar)
     assert "refined from the tokens processed so far" in after["basis"]
     assert "no engine counters yet" not in after["basis"]
+
+
+# -- what a running job's sidecars show, and how often -------------------------------------
+
+
+def test_a_running_jobs_status_shows_the_tokens_its_engine_has_processed(tmp_path: Path) -> None:
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(config_text())
+    service = Service(load_config(config_path), engines=EngineKeeper(in_process=True))
+    running = running_job(tmp_path, service)
+    status = running.job.sidecar_dir / "big.status"
+    finished = Tally(completed=3, prompt_tokens=300, completion_tokens=150)
+    service.progress(running, Progress(total=400, tally=finished))  # before this run: 3 done
+    progress = Progress(total=400, tally=finished, in_flight=37, engine_prompt_tokens=4000)
+    progress.engine_completion_tokens = 900
+    running.job.run_seconds = 12.5
+    service.progress(running, progress)
+
+    # Every token the engine has processed, the requests still running included (the usage
+    # counts finished requests only), on top of those finished before this run.
+    assert read_json(status)["progress"] == {
+        "prompt_tokens": 4300,
+        "completion_tokens": 1050,
+        "in_flight": 37,
+        "run_seconds": 12.5,
+    }
+    mark_finalizing(running.job, JobStatus.COMPLETED)
+    assert read_json(status)["progress"] is None  # no engine works on it any more
+
+
+@pytest.mark.parametrize(("status_seconds", "rewritten"), [(10, False), (0.5, True)])
+def test_status_seconds_sets_how_often_a_running_jobs_sidecars_are_rewritten(
+    tmp_path: Path, status_seconds: float, rewritten: bool
+) -> None:
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(config_text() + f"status_seconds: {status_seconds}\n")
+    service = Service(load_config(config_path), engines=EngineKeeper(in_process=True))
+    running = running_job(tmp_path, service)
+    status = running.job.sidecar_dir / "big.status"
+    counted = Progress(total=400, tally=Tally(), engine_prompt_tokens=4000)
+    service.progress(running, counted)  # the first counters: written at once
+    assert read_json(status)["progress"]["prompt_tokens"] == 4000
+
+    running.last_status = time.monotonic() - 1.0  # a second ago
+    later = Progress(total=400, tally=Tally(), engine_prompt_tokens=5000)
+    service.progress(running, later)
+    shown = read_json(status)["progress"]["prompt_tokens"]
+    assert shown == (5000 if rewritten else 4000)
+
+
+@pytest.mark.parametrize("status_seconds", [0, 11])
+def test_status_seconds_outside_what_the_format_promises_is_a_config_error(
+    tmp_path: Path, status_seconds: float
+) -> None:
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(config_text() + f"status_seconds: {status_seconds}\n")
+    with pytest.raises(ConfigError, match="At 'status_seconds': Input should be .* than"):
+        load_config(config_path)
 
 
 # -- a resumed job's whole run time -----------------------------------------------------------

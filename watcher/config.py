@@ -108,6 +108,8 @@ class Config(Strict):
     rescan_seconds: Annotated[float, Field(gt=0)] = 30.0
     observer: Literal["native", "polling"] = "native"
     keep_status_hours: Annotated[float, Field(ge=0)] = 24.0
+    # how often a running job's `.status` and `.eta` are rewritten; SPEC asks for every 10 s
+    status_seconds: Annotated[float, Field(gt=0, le=10)] = 5.0
     stop_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
     idle_unload_seconds: Annotated[float, Field(ge=0)] = 600.0
     min_free_bytes: Annotated[int, Field(ge=0)] = 1 << 30

@@ -115,6 +115,9 @@ class Job:
     run_seconds: float = 0.0
     runs: int = 0
     loading_since: datetime | None = None  # while its model loads; not kept in the record
+    # What the engine has done for the job while it runs, for its `.status` (not recorded:
+    # worked out again from the engine when the job runs).
+    progress: dict[str, Any] | None = None
 
     @property
     def out(self) -> Path:
@@ -152,6 +155,7 @@ class Job:
             loading_since=self.loading_since,
             priority=self.priority,
             metadata=self.metadata,
+            progress=self.progress if self.status is JobStatus.IN_PROGRESS else None,
         )
 
     def final_document(self, final: JobStatus) -> dict[str, Any]:

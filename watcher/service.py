@@ -53,9 +53,9 @@ from watcher.worker import Running, start_job
 
 log = structlog.get_logger()
 
-STATUS_SECONDS = 5.0  # sidecars of a running job are rewritten at least this often
-# ...and first this long after it starts: a job done sooner goes from in_progress to its end
-# without sidecars in between, which in a burst of small files would be most of the writes.
+# A running job's sidecars are rewritten every `status_seconds` (config), and first this
+# long after it starts: a job done sooner goes from in_progress to its end without sidecars
+# in between, which in a burst of small files would be most of the writes.
 FIRST_STATUS_SECONDS = 0.5
 SWEEP_SECONDS = 60.0
 # Shares of stop_timeout_seconds, from the stop being asked for: until then a claim may
@@ -292,11 +292,11 @@ class Service:
         # Written at once when a load is over (the sidecars said "loading"), and when the
         # engine's counters first move (the first refined ETA); else FIRST_STATUS_SECONDS
         # after the start, so that a job done sooner writes nothing in between, and then
-        # every STATUS_SECONDS.
+        # every `status_seconds`.
         first_counters = running.counters_moved(progress)
         since_start = time.monotonic() - running.started
         if running.last_status:
-            due = time.monotonic() - running.last_status >= STATUS_SECONDS
+            due = time.monotonic() - running.last_status >= self.config.status_seconds
         else:
             due = since_start >= FIRST_STATUS_SECONDS
         if loaded or due or (first_counters and since_start >= FIRST_STATUS_SECONDS):
@@ -306,12 +306,12 @@ class Service:
 
     def loading(self, running: Running, began: float) -> None:
         """The running job's model loads (on the worker thread): its sidecars say so when the
-        load begins and at least every STATUS_SECONDS, the `.eta` counting the rest of it."""
+        load begins and at least every `status_seconds`, the `.eta` counting the rest of it."""
         if running.note_loading(began):
             model = running.job.model or ""
             running.load_seconds, running.load_basis = expected_load(model, self.history)
             running.last_status = 0.0
-        if time.monotonic() - running.last_status >= STATUS_SECONDS:
+        if time.monotonic() - running.last_status >= self.config.status_seconds:
             running.last_status = time.monotonic()
             write_running_eta(running)
             write_status(running.job)

@@ -50,6 +50,15 @@ class Running:
             self.earlier_tokens = (progress.tally.prompt_tokens, progress.tally.completion_tokens)
         self.latest = progress
         self.done = (job.completed + job.failed) / job.total if job.total else 1.0
+        # The engine's counters include the requests still running, which the usage (the
+        # finished requests' tokens) leaves out: how far along the job is, to the token.
+        earlier_prompt, earlier_completion = self.earlier_tokens
+        job.progress = {
+            "prompt_tokens": earlier_prompt + progress.engine_prompt_tokens,
+            "completion_tokens": earlier_completion + progress.engine_completion_tokens,
+            "in_flight": progress.in_flight,
+            "run_seconds": round(job.run_seconds, 2),
+        }
 
     def counters_moved(self, progress: Progress) -> bool:
         """Note the engine's counters; True the first time they move in this run. The first

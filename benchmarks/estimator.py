@@ -81,6 +81,9 @@ class JobShape:
     max_tokens: dict[int | None, int] = field(default_factory=dict)
     hardware: str | None = None
     max_model_len: int = 2048
+    # what runs the model (runner.types.ModelSpec.engine_kind): records of another backend
+    # of the same model (a local engine, a Ray cluster) do not count
+    engine_kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,13 @@ class Estimate:
         }
 
 
+def same_engine(record: dict[str, Any], shape: JobShape) -> bool:
+    """Whether a record was made on the engine the shape names; records made before
+    records named their engine count for any."""
+    kind = record.get("engine_kind")
+    return shape.engine_kind is None or kind is None or kind == shape.engine_kind
+
+
 def matching(history: Iterable[dict[str, Any]], shape: JobShape) -> list[dict[str, Any]]:
     """The usable records of the same model, endpoint and (when known) hardware, newest last."""
     seen: set[str] = set()
@@ -125,6 +135,7 @@ def matching(history: Iterable[dict[str, Any]], shape: JobShape) -> list[dict[st
             record.get("model") == shape.model
             and record.get("endpoint") == shape.endpoint
             and (shape.hardware is None or record.get("hardware") == shape.hardware)
+            and same_engine(record, shape)
             and record.get("run_seconds", 0) > 0
             and record.get("request_counts", {}).get("completed", 0) > 0
             and record.get("job_id") not in seen
@@ -248,6 +259,7 @@ def latest_pace(history: Iterable[dict[str, Any]], shape: JobShape) -> dict[str,
         if record.get("kind") == "pace"
         and record.get("model") == shape.model
         and (shape.hardware is None or record.get("hardware") == shape.hardware)
+        and same_engine(record, shape)
     ]
     return paces[-1] if paces else None
 

@@ -56,6 +56,7 @@ def build_record(
     completion_samples: list[list] | None = None,
     input_name: str | None = None,
     runs: int = 1,
+    engine_kind: str | None = None,
 ) -> dict[str, Any]:
     """Everything SPEC section 6 names, in one flat-enough dict."""
     total_tokens = prompt_tokens + completion_tokens
@@ -72,6 +73,7 @@ def build_record(
         "hardware": engine.get("hardware"),
         "engine_version": engine.get("engine_version"),
         "engine_settings": engine.get("settings", {}),
+        "engine_kind": engine_kind,  # what runs the model: ETAs are learnt per backend
         "request_counts": counts,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -101,7 +103,13 @@ def build_record(
 
 
 def pace_record(
-    *, model: str, source: str, engine: dict[str, Any], pace: dict[str, Any], finished_at: str
+    *,
+    model: str,
+    source: str,
+    engine: dict[str, Any],
+    pace: dict[str, Any],
+    finished_at: str,
+    engine_kind: str | None = None,
 ) -> dict[str, Any]:
     """The pace an engine measured at its load (runner.pace), for the estimator until the
     model has jobs of its own here. It is no job: it has no requests, tokens or run time."""
@@ -114,17 +122,23 @@ def pace_record(
         "hardware": engine.get("hardware"),
         "engine_version": engine.get("engine_version"),
         "engine_settings": engine.get("settings", {}),
+        "engine_kind": engine_kind,
         "pace": pace,
     }
 
 
-def knows_pace(state: Path, model: str) -> bool:
-    """Whether the state tells the model's pace here: a pace its engine timed, or a job (or
-    calibration) of it that ran something."""
-    if any(record.get("model") == model for record in read_paces(state)):
+def knows_pace(state: Path, model: str, engine_kind: str | None = None) -> bool:
+    """Whether the state tells the model's pace here, on this engine (when named): a pace its
+    engine timed, or a job (or calibration) of it that ran something."""
+
+    def ours(record: dict[str, Any]) -> bool:
+        kind = record.get("engine_kind")
+        return record.get("model") == model and (engine_kind is None or kind in (None, engine_kind))
+
+    if any(ours(record) for record in read_paces(state)):
         return True
     return any(
-        record.get("model") == model
+        ours(record)
         and record.get("run_seconds", 0) > 0
         and (record.get("request_counts") or {}).get("completed", 0) > 0
         for record in read_history(state)

@@ -127,6 +127,19 @@ class ModelSpec:
     ray: dict[str, Any] = field(default_factory=dict)  # backend "ray": runner.ray_cluster
 
     @property
+    def engine_kind(self) -> str:
+        """What runs the model, as the benchmark history keys its records: "vllm", "fake",
+        or the Ray replicas and what each holds, so that ETAs learn per backend."""
+        if self.backend != "ray":
+            return self.backend
+        ray = self.ray
+        return (
+            f"ray {ray.get('address', 'local')} x{ray.get('concurrency', 1)} "
+            f"({ray.get('num_gpus', 0):g} GPU, {ray.get('num_cpus', 1):g} CPU, "
+            f"{ray.get('backend', 'vllm')})"
+        )
+
+    @property
     def engine_backend(self) -> str:
         """The engine that takes `engine`: the model's own, or its Ray replicas' engine."""
         return str(self.ray.get("backend", "vllm")) if self.backend == "ray" else self.backend

@@ -160,6 +160,7 @@ def test_benchmark_record_has_the_fields_of_spec_section_6(site, cli):
     assert record["source"] == str(site.parent / "nowhere")
     assert record["endpoint"] == "/v1/chat/completions"
     assert isinstance(record["engine_settings"], dict)
+    assert record["engine_kind"] == "fake"  # ETAs are learnt per backend
     assert record["hardware"] and record["engine_version"]
     assert record["request_counts"] == status["request_counts"]
     assert record["prompt_tokens"] == status["usage"]["prompt_tokens"]

@@ -219,6 +219,34 @@ def test_the_estimate_rests_on_the_history_it_names() -> None:
     assert estimate_run(other, records).jobs == 0
 
 
+def test_records_of_the_model_on_another_backend_do_not_count() -> None:
+    # The same alias moved from a local engine to a Ray cluster of two replicas: its local
+    # jobs say nothing of the cluster's speed, and the cluster's jobs nothing of the local's.
+    local = [synthetic(index, 40 + index, 30 + index, 2000) for index in range(3)]
+    cluster = [
+        {**synthetic(10 + index, 20 + index, 30 + index, 2000), "engine_kind": "ray auto x2"}
+        for index in range(2)
+    ]
+    for record in local:
+        record["engine_kind"] = "vllm"
+    on_ray = JobShape(MODEL, CHAT, 40, 8000, {64: 40}, engine_kind="ray auto x2")
+    on_local = JobShape(MODEL, CHAT, 40, 8000, {64: 40}, engine_kind="vllm")
+    assert estimate_run(on_ray, local + cluster).jobs == 2
+    assert estimate_run(on_local, local + cluster).jobs == 3
+    # Records from before records named their engine count for any.
+    older = [{key: value for key, value in record.items() if key != "engine_kind"}]
+    assert estimate_run(on_ray, older + cluster).jobs == 3
+
+
+def test_a_models_engine_kind_names_its_ray_replicas() -> None:
+    from runner.types import ModelSpec
+
+    assert ModelSpec("m", "/x", backend="vllm").engine_kind == "vllm"
+    ray = {"address": "auto", "concurrency": 2, "num_gpus": 1, "num_cpus": 4, "backend": "vllm"}
+    kind = ModelSpec("m", "/x", backend="ray", ray=ray).engine_kind
+    assert kind == "ray auto x2 (1 GPU, 4 CPU, vllm)"
+
+
 def test_prompt_tokens_are_characters_per_token_plus_what_the_template_adds() -> None:
     # 30 tokens of template on every request; 3 characters a token in the text itself.
     records = [

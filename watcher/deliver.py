@@ -116,6 +116,7 @@ def benchmark_record(job: Job, config: Config, final: JobStatus, times: RunTimes
         metadata=job.metadata,
         completion_samples=times.samples,
         input_name=job.input_name,
+        engine_kind=job.engine_kind,
     )
 
 

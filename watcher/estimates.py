@@ -23,6 +23,7 @@ def job_shape(job: Job, hardware: str | None = None) -> JobShape:
         prompt_chars=job.prompt_chars,
         max_tokens={value: count for value, count in job.max_tokens},
         hardware=hardware,
+        engine_kind=job.engine_kind,
     )
 
 
@@ -46,6 +47,7 @@ def record_pace(job: Job, config: Config, info: EngineInfo) -> None:
         engine=engine | {"settings": settings},
         pace=info.pace or {},
         finished_at=iso(now()) or "",
+        engine_kind=spec.engine_kind,
     )
     append_pace(state, record)
     job.estimate = estimate_job(job, History(state)).as_dict()

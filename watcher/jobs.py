@@ -110,6 +110,7 @@ class Job:
     origin: str | None = None  # the file `batchbox run` was given, to resume a stopped run
     final: str | None = None  # how the job ends, set when finalizing starts
     input_signature: list[int] | None = None  # size, mtime and inode when it was validated
+    engine_kind: str | None = None  # what runs its model, when it was validated
     # Seconds the engine ran this job, over every run: a job resumed after a stop or a
     # crash is recorded with its whole time, not its last run's (kept every status write).
     run_seconds: float = 0.0
@@ -218,6 +219,7 @@ class JobRecord(msgspec.Struct, kw_only=True):
     origin: str | None = None
     final: str | None = None
     input_signature: list[int] | None = None
+    engine_kind: str | None = None
     run_seconds: float = 0.0
     runs: int = 0
 

@@ -75,7 +75,9 @@ class Service:
         self.engines = engines or EngineKeeper()
         # A model the history knows nothing of has its engine's pace timed at its load;
         # then every job waiting for it is estimated again.
-        self.engines.wants_pace = lambda spec: not knows_pace(self.state, spec.alias)
+        self.engines.wants_pace = lambda spec: not knows_pace(
+            self.state, spec.alias, spec.engine_kind
+        )
         self.pace_measured = threading.Event()
         self.disk = DiskWait(self.state, config.min_free_bytes)
         self.intake = Intake(config, self.disk, self.take_job, self.cancel)

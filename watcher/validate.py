@@ -59,6 +59,7 @@ def validate_job(
     job.prompt_chars = summary.prompt_chars
     job.max_tokens = [[value, count] for value, count in summary.max_tokens.items()]
     job.input_signature = input_signature(path)
+    job.engine_kind = config.model_spec(job.model).engine_kind
     served = config.models[job.model].endpoints
     if job.endpoint not in served:
         raise JobError(

@@ -194,8 +194,22 @@ class Harness:
         earlier = read_json(status).get("id") if status.exists() else None  # a finished one
         drop(folder, name, data)
         outbox = self.outbox
-        self.run_until(lambda: finished(status, outbox) and read_json(status)["id"] != earlier, 15)
-        return delivered(outbox_folder(self.config, status))
+
+        def delivered_now() -> Path | None:
+            # One read of the sidecar: two could see the earlier job's final status, then
+            # the new job's first.
+            try:
+                document = read_json(status)
+            except (FileNotFoundError, ValueError):
+                return None
+            if document.get("id") == earlier or document.get("status") not in FINAL:
+                return None
+            place = document.get("outbox")
+            if not place or not (outbox / place / "status.json").is_file():
+                return None
+            return outbox / place
+
+        return delivered(self.run_until(delivered_now, 15))
 
 
 def start_service(root: Path, **overrides: Any) -> Harness:

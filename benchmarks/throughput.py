@@ -2,6 +2,7 @@
 the service, on this machine, in one run.
 
     python benchmarks/throughput.py [--requests 2000] [--config config.yaml]
+        [--engine-core in,own] [--kv-cache 1,2] [--only abcd]
 
 (a) `LLM.chat` on all prompts at once, the ceiling; (b) `python -m
 vllm.entrypoints.openai.run_batch`; (c) `batchbox run`; (d) `batchbox serve`, dropping the
@@ -10,6 +11,11 @@ its own `max_tokens`, so each variant generates exactly the same tokens. For eac
 the wall time including model load, generation throughput (completion tokens per second of
 generation, and all tokens per second), and the peak resident memory of the process tree,
 then the ratios (c)/(a), (d)/(a) and (c)/(b).
+
+Each setting runs all chosen variants with the same engine environment: `--engine-core in`
+keeps vLLM's engine core in the engine's process (VLLM_ENABLE_V1_MULTIPROCESSING=0), `own`
+gives it a process of its own (=1, vLLM's default and what run_batch does); `--kv-cache`
+sets VLLM_CPU_KVCACHE_SPACE in GiB. Without them the config's own environment is used.
 """
 
 from __future__ import annotations
@@ -239,15 +245,41 @@ def variant_serve(config: Path, data: Path, environment: dict) -> dict:
     return {"wall": wall, "peak": memory.done(), **batchbox_figures(result.parent)}
 
 
-def prepare_config(config: Path, work: Path) -> tuple[Path, dict]:
+def prepare_config(config: Path, work: Path, environment: dict[str, str]) -> tuple[Path, dict]:
+    """A config of the setting's own in `work` (its own inbox, outbox and state), with the
+    setting's engine environment over the model's."""
     data = yaml.safe_load(config.read_text())
     data.update(inbox="inbox", outbox="outbox", state="state", settle_seconds=1)
     for model in data["models"].values():
         if "path" in model:
             model["path"] = str((config.parent / model["path"]).resolve())
+    model = data["models"]["smollm2-135m"]
+    model["environment"] = {**model.get("environment", {}), **environment}
+    work.mkdir(parents=True, exist_ok=True)
     target = work / "config.yaml"
     target.write_text(yaml.safe_dump(data))
-    return target, data["models"]["smollm2-135m"]
+    return target, model
+
+
+ENGINE_CORE = {"in": "0", "own": "1"}
+
+
+def settings(engine_cores: str | None, kv_caches: str | None) -> list[tuple[str, dict]]:
+    """Each combination of the chosen settings: a label and the environment it sets."""
+    cores = engine_cores.split(",") if engine_cores else [None]
+    caches = kv_caches.split(",") if kv_caches else [None]
+    combinations = []
+    for core in cores:
+        for cache in caches:
+            environment, label = {}, []
+            if core is not None:
+                environment["VLLM_ENABLE_V1_MULTIPROCESSING"] = ENGINE_CORE[core]
+                label.append(f"engine core {core}")
+            if cache is not None:
+                environment["VLLM_CPU_KVCACHE_SPACE"] = cache
+                label.append(f"KV cache {cache} GiB")
+            combinations.append((", ".join(label) or "the config's settings", environment))
+    return combinations
 
 
 def show(name: str, figures: dict) -> None:
@@ -265,31 +297,25 @@ def show(name: str, figures: dict) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--config", type=Path, default=ROOT / "config.yaml")
-    parser.add_argument("--only", default="abcd", help="which variants to run, e.g. ac")
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="batchbox-throughput-"))
-    config, model = prepare_config(args.config, work)
+def run_setting(label: str, setting: dict, args: argparse.Namespace, work: Path) -> dict:
+    config, model = prepare_config(args.config, work, setting)
     source = model["path"]
     environment = {
         **os.environ,
-        **model.get("environment", {}),
+        **model["environment"],
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(ROOT),
     }
     data = work / "throughput.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_requests(args.requests)))
-    print(f"{args.requests} chat requests for SmolLM2 on {os.cpu_count()} cores; work in {work}")
-    results = {}
+    print(f"-- {label}")
     variants = {
         "a": ("(a) LLM.chat, all at once", lambda: variant_raw(model, source, data, environment)),
         "b": ("(b) vLLM run_batch", lambda: variant_run_batch(model, source, data, environment)),
         "c": ("(c) batchbox run", lambda: variant_run(config, data, environment)),
         "d": ("(d) batchbox serve", lambda: variant_serve(config, data, environment)),
     }
+    results = {}
     for key in args.only:
         name, run = variants[key]
         results[key] = run()
@@ -298,13 +324,31 @@ def main() -> None:
         ("c", "a", "completion_per_second"),
         ("d", "a", "completion_per_second"),
         ("c", "b", "wall"),
+        ("d", "b", "wall"),
     ]
     for top, bottom, figure in ratios:
         if top in results and bottom in results:
             value = results[top][figure] / results[bottom][figure]
             what = "generation throughput" if figure != "wall" else "wall time"
             print(f"({top})/({bottom}) {what}: {value:.3f}")
-    (work / "results.json").write_text(json.dumps(results, indent=2))
+    sys.stdout.flush()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--config", type=Path, default=ROOT / "config.yaml")
+    parser.add_argument("--only", default="abcd", help="which variants to run, e.g. ac")
+    parser.add_argument("--engine-core", help="in, own or in,own: where vLLM's engine core runs")
+    parser.add_argument("--kv-cache", help="VLLM_CPU_KVCACHE_SPACE values in GiB, e.g. 1,2")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="batchbox-throughput-"))
+    print(f"{args.requests} chat requests for SmolLM2 on {os.cpu_count()} cores; work in {work}")
+    everything = {}
+    for index, (label, setting) in enumerate(settings(args.engine_core, args.kv_cache)):
+        everything[label] = run_setting(label, setting, args, work / f"setting-{index}")
+    (work / "results.json").write_text(json.dumps(everything, indent=2))
 
 
 if __name__ == "__main__":

@@ -70,6 +70,12 @@ def test_a_batch_runs_from_upload_to_its_output_and_error_files(tmp_path: Path) 
         )
         output = client.files.retrieve(batch.output_file_id)
         assert output.purpose == "batch_output" and output.bytes > 0
+        # every field of the SDK's types is in the JSON, null where unset (the SDK would
+        # accept a missing one silently)
+        raw_batch = client.batches.with_raw_response.retrieve(batch.id).http_response.json()
+        assert set(raw_batch) == set(openai.types.Batch.model_fields)
+        raw_file = client.files.with_raw_response.retrieve(output.id).http_response.json()
+        assert set(raw_file) == set(openai.types.FileObject.model_fields)
         # the metadata went in with the ticket, as for a dropped file
         assert status["metadata"] == {"project": "demo"}
         assert (folder / f"api-{batch.id}.yaml").is_file()

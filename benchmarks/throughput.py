@@ -79,38 +79,61 @@ def make_requests(count: int, seed: int = 7) -> list[dict]:
 
 
 class PeakMemory:
-    """Samples the resident memory of a process and its children every 0.2 s."""
+    """Samples the resident memory of a process and its children every 0.2 s, and the CPU
+    seconds each has used (the last sample of each: a process that lives less than 0.2 s
+    is missed)."""
 
     def __init__(self, pid: int) -> None:
         self.process = psutil.Process(pid)
         self.peak = 0
+        self.cpu: dict[int, float] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
 
     def _watch(self) -> None:
         while not self.stop.is_set():
-            try:
-                processes = [self.process, *self.process.children(recursive=True)]
-                total = sum(p.memory_info().rss for p in processes if p.is_running())
-                self.peak = max(self.peak, total)
-            except psutil.Error:
-                pass
+            total = 0
+            for process in [self.process, *self._children()]:
+                try:
+                    with process.oneshot():
+                        total += process.memory_info().rss
+                        times = process.cpu_times()
+                        self.cpu[process.pid] = times.user + times.system
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
             self.stop.wait(0.2)
+
+    def _children(self) -> list[psutil.Process]:
+        try:
+            return self.process.children(recursive=True)
+        except psutil.Error:
+            return []
 
     def done(self) -> int:
         self.stop.set()
         self.thread.join()
         return self.peak
 
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds of the whole tree, and of the top process alone."""
+        return sum(self.cpu.values()), self.cpu.get(self.process.pid, 0.0)
 
-def run_measured(command: list[str], environment: dict[str, str], **kwargs) -> tuple[float, int]:
+
+def run_measured(command: list[str], environment: dict[str, str], **kwargs) -> dict:
     started = time.monotonic()
     process = subprocess.Popen(command, env=environment, **kwargs)
     memory = PeakMemory(process.pid)
     if process.wait() != 0:
         raise SystemExit(f"{command[:4]} failed with exit status {process.returncode}")
-    return time.monotonic() - started, memory.done()
+    wall = time.monotonic() - started
+    return {"wall": wall, "peak": memory.done(), **cpu_figures(memory)}
+
+
+def cpu_figures(memory: PeakMemory) -> dict:
+    tree, top = memory.cpu_seconds()
+    return {"cpu": tree, "cpu_top": top}
 
 
 RAW = """
@@ -136,7 +159,7 @@ print("RESULT " + json.dumps({
 def variant_raw(model: dict, source: str, data: Path, environment: dict) -> dict:
     out = data.with_suffix(".raw.json")
     with open(out, "w") as handle:
-        wall, peak = run_measured(
+        measured = run_measured(
             [sys.executable, "-c", RAW, source, json.dumps(model["engine"]), str(data)],
             environment,
             stdout=handle,
@@ -144,7 +167,7 @@ def variant_raw(model: dict, source: str, data: Path, environment: dict) -> dict
     # vLLM logs to standard output too; the figures are on the line marked RESULT.
     marked = [line for line in out.read_text().splitlines() if line.startswith("RESULT ")]
     figures = json.loads(marked[-1].removeprefix("RESULT "))
-    return {"wall": wall, "peak": peak, **figures}
+    return {**measured, **figures}
 
 
 def engine_flags(engine: dict) -> list[str]:
@@ -179,15 +202,14 @@ def variant_run_batch(model: dict, source: str, data: Path, environment: dict) -
         *engine_flags(model["engine"]),
     ]
     with open(data.with_suffix(".run_batch.log"), "w") as log:
-        wall, peak = run_measured(command, environment, stdout=log, stderr=log)
+        measured = run_measured(command, environment, stdout=log, stderr=log)
     lines = [json.loads(line) for line in out.open()]
     failed = [line for line in lines if line.get("error")]
     if failed:
         raise SystemExit(f"run_batch failed {len(failed)} requests: {failed[0]['error']}")
     usage = [line["response"]["body"]["usage"] for line in lines]
     return {
-        "wall": wall,
-        "peak": peak,
+        **measured,
         "generate": None,
         "prompt_tokens": sum(u["prompt_tokens"] for u in usage),
         "completion_tokens": sum(u["completion_tokens"] for u in usage),
@@ -207,13 +229,13 @@ def batchbox_figures(folder: Path) -> dict:
 def variant_run(config: Path, data: Path, environment: dict) -> dict:
     out = data.parent / "run-outbox"
     with open(data.with_suffix(".run.log"), "w") as log:
-        wall, peak = run_measured(
+        measured = run_measured(
             [*BATCHBOX, "-c", str(config), "run", str(data), "-o", str(out)],
             environment,
             stdout=subprocess.DEVNULL,
             stderr=log,
         )
-    return {"wall": wall, "peak": peak, **batchbox_figures(out / data.stem)}
+    return {**measured, **batchbox_figures(out / data.stem)}
 
 
 def variant_serve(config: Path, data: Path, environment: dict) -> dict:
@@ -239,10 +261,11 @@ def variant_serve(config: Path, data: Path, environment: dict) -> dict:
     result = root / "outbox" / "smollm2-135m" / data.stem / "status.json"
     wait_for(result)
     wall = time.monotonic() - started
+    figures = cpu_figures(memory)  # before the stop: up to the delivery
     service.terminate()
     service.wait(60)
     log.close()
-    return {"wall": wall, "peak": memory.done(), **batchbox_figures(result.parent)}
+    return {"wall": wall, "peak": memory.done(), **figures, **batchbox_figures(result.parent)}
 
 
 def prepare_config(config: Path, work: Path, environment: dict[str, str]) -> tuple[Path, dict]:
@@ -293,6 +316,7 @@ def show(name: str, figures: dict) -> None:
         f"{name:<28} wall {figures['wall']:7.1f} s   generation "
         f"{figures['completion_per_second']:7.1f} completion tok/s "
         f"{figures['total_per_second']:8.1f} total tok/s   peak {figures['peak'] / 2**20:7.0f} MiB"
+        f"   CPU {figures['cpu']:6.1f} s (top process {figures['cpu_top']:5.1f} s)"
         + ("" if generate else "   (over the wall time: it reports no split)")
     )
 

@@ -29,6 +29,7 @@ from benchmarks.estimator import (
 )
 from benchmarks.record import read_history
 from benchmarks.refine import refine, steps_done
+from runner.types import ModelSpec
 from watcher.cli import main
 from watcher.engines import EngineKeeper
 from watcher.jobqueue import plan_queue
@@ -239,8 +240,6 @@ def test_records_of_the_model_on_another_backend_do_not_count() -> None:
 
 
 def test_a_models_engine_kind_names_its_ray_replicas() -> None:
-    from runner.types import ModelSpec
-
     assert ModelSpec("m", "/x", backend="vllm").engine_kind == "vllm"
     ray = {"address": "auto", "concurrency": 2, "num_gpus": 1, "num_cpus": 4, "backend": "vllm"}
     kind = ModelSpec("m", "/x", backend="ray", ray=ray).engine_kind

@@ -15,7 +15,10 @@ from runner.types import EngineLoadDied, EngineLoadError, ModelSpec
 # 0). When that process is killed while the model loads, as the OOM killer does on a host
 # short of memory, vLLM says so with the core's exit code, negative for a signal:
 # "Engine core initialization failed. ... Failed core proc(s): {'EngineCore_DP0': -9}".
-CORE_KILLED = re.compile(r"Failed core proc\(s\): \{[^}]*:\s*-\d+")
+# vLLM may look before the dead core's exit code is known, and then names none ("{}"). That
+# is taken for a death too: a core that fails on its own is usually named with its exit
+# code (1), and a wrong guess costs only the bounded number of tries of a load.
+CORE_KILLED = re.compile(r"Failed core proc\(s\): (\{[^}]*:\s*-\d+|\{\})")
 
 
 def load_llm(spec: ModelSpec) -> Any:
@@ -50,7 +53,7 @@ def load_failure(spec: ModelSpec, error: BaseException) -> EngineLoadError:
         if killed:
             return EngineLoadDied(
                 f"vLLM's engine core for model {spec.alias!r} was killed while it loaded "
-                f"({killed.group(0)}}})"
+                f"({killed.group(0).rstrip('}')}}})"
             )
         cause = cause.__cause__ or cause.__context__
     return EngineLoadError(

@@ -3,6 +3,7 @@ of the vLLM adapter that run once per engine, not once per request."""
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import re
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.types import EngineLoadDied, EngineLoadError, ModelSpec
+
+log = logging.getLogger(__name__)
 
 # vLLM's engine core runs in a process of its own (unless VLLM_ENABLE_V1_MULTIPROCESSING is
 # 0). When that process is killed while the model loads, as the OOM killer does on a host
@@ -41,6 +44,8 @@ def load_llm(spec: ModelSpec) -> Any:
             str(Path(source).expanduser()) if _looks_like_path(source) else source, **options
         )
     except Exception as error:  # noqa: BLE001 - vLLM fails in many ways; all mean "no model"
+        # The job's status keeps one sentence; the engine's log (the service's) keeps it all.
+        log.warning("vLLM could not load model %r: %r", spec.alias, error)
         raise load_failure(spec, error) from error
 
 

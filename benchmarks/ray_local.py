@@ -67,14 +67,14 @@ def measure(config: Path, data: Path, environment: dict[str, str]) -> dict:
     out = config.parent / "outbox"
     machine, own = busy_seconds()
     with open(config.parent / "run.log", "w") as log:
-        wall, peak = run_measured(
+        measured = run_measured(
             [*BATCHBOX, "-c", str(config), "run", str(data), "-o", str(out)],
             environment,
             stdout=subprocess.DEVNULL,
             stderr=log,
         )
     machine_after, own_after = busy_seconds()
-    figures = {"wall": wall, "peak": peak, **batchbox_figures(out / data.stem)}
+    figures = {**measured, **batchbox_figures(out / data.stem)}
     # What else ran meanwhile: on a busy machine the two runs are not comparable.
     figures["others_cpu"] = max((machine_after - machine) - (own_after - own), 0.0)
     record = json.loads((out / data.stem / "benchmark.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -170,3 +171,24 @@ def shipped_config(folder: Path, **overrides: Any) -> Path:
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def fill(folder: Path, leave: int = 0) -> list[Path]:
+    """Fill the filesystem with 64 KiB files, then remove some to leave about `leave` bytes."""
+    folder.mkdir(exist_ok=True)
+    chunk = b"x" * 65536
+    files = []
+    while True:
+        path = folder / f"filler{len(files)}"
+        try:
+            with open(path, "wb") as handle:
+                handle.write(chunk)
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+            path.unlink(missing_ok=True)
+            break
+        files.append(path)
+    while leave > 0 and files:
+        files.pop().unlink()
+        leave -= 65536
+    return files

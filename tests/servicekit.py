@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -364,3 +365,45 @@ def batchbox(config_path: Path, *args: str) -> subprocess.CompletedProcess:
         timeout=30,
         check=False,
     )
+
+
+class Listener:
+    """An AF_UNIX datagram socket where systemd's would be: every message, with when it
+    came. At READY=1 it looks whether the inbox's model folders exist yet."""
+
+    def __init__(self, address: str, model_folders: list[Path] | None = None) -> None:
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.socket.settimeout(0.1)
+        self.model_folders = model_folders or []
+        self.messages: list[tuple[float, str]] = []
+        self.folders_at_ready: bool | None = None
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self._listen, daemon=True)
+        self.thread.start()
+
+    def _listen(self) -> None:
+        while not self.closing.is_set():
+            try:
+                data = self.socket.recv(4096)
+            except TimeoutError:
+                continue
+            arrived = time.monotonic()
+            for message in data.decode().splitlines():
+                if message == "READY=1":
+                    self.folders_at_ready = all(path.is_dir() for path in self.model_folders)
+                self.messages.append((arrived, message))
+
+    def close(self) -> None:
+        self.closing.set()
+        self.thread.join(2)
+        self.socket.close()
+
+    def times(self, message: str) -> list[float]:
+        return [moment for moment, text in self.messages if text == message]
+
+    def pings_since(self, moment: float) -> int:
+        return sum(1 for at in self.times("WATCHDOG=1") if at > moment)
+
+    def texts(self, prefix: str) -> list[tuple[float, str]]:
+        return [(moment, text) for moment, text in self.messages if text.startswith(prefix)]

@@ -10,17 +10,16 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 from servicekit import (
     Harness,
+    Listener,
     chat_file,
     drop,
     finished,
@@ -42,18 +41,6 @@ from watcher.spool import new_spool_job
 
 SLOW = {"fake_seconds_per_step": 0.05, "fake_batch": 2}  # 40 requests a second
 CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture
-def memory_path(tmp_path: Path) -> Iterator[Path]:
-    """A folder in RAM where there is one: a thousand queued jobs are a few thousand fsyncs."""
-    shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK)):
-        yield tmp_path
-        return
-    folder = Path(tempfile.mkdtemp(prefix="batchbox-test-", dir=shm))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 # -- the queue's sidecars ------------------------------------------------------------------
@@ -194,35 +181,6 @@ def test_a_job_is_collected_when_it_says_it_ended_not_when_its_thread_is_gone(
 
 
 # -- the loop while a large file is taken -------------------------------------------------
-
-
-class Listener:
-    """A datagram socket where systemd's notify socket would be, collecting what comes."""
-
-    def __init__(self, address: str) -> None:
-        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.socket.bind(address)
-        self.socket.settimeout(0.1)
-        self.messages: list[tuple[float, str]] = []
-        self.closing = threading.Event()
-        self.thread = threading.Thread(target=self._listen, daemon=True)
-        self.thread.start()
-
-    def _listen(self) -> None:
-        while not self.closing.is_set():
-            try:
-                data = self.socket.recv(4096)
-            except TimeoutError:
-                continue
-            self.messages += [(time.monotonic(), text) for text in data.decode().splitlines()]
-
-    def pings_since(self, moment: float) -> int:
-        return sum(1 for at, text in self.messages if text == "WATCHDOG=1" and at > moment)
-
-    def close(self) -> None:
-        self.closing.set()
-        self.thread.join(2)
-        self.socket.close()
 
 
 class Loop:

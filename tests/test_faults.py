@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +33,7 @@ from crashkit import (
     request_file,
     sidecars_are_whole,
 )
-from helpers import assert_every_line_once
+from helpers import assert_every_line_once, fill
 from servicekit import read_json, run_until, write_config
 
 import watcher.commands.run
@@ -285,46 +284,6 @@ def test_batchbox_run_on_a_failing_disk_exits_1_with_a_sentence_and_resumes(
 
 
 # -- a small filesystem that fills up ------------------------------------------------------
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs, when this machine lets us mount one (it needs root)."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(folder: Path, leave: int = 0) -> list[Path]:
-    """Fill the filesystem with 64 KiB files, then remove some to leave about `leave` bytes."""
-    folder.mkdir(exist_ok=True)
-    chunk = b"x" * 65536
-    files = []
-    while True:
-        path = folder / f"filler{len(files)}"
-        try:
-            with open(path, "wb") as handle:
-                handle.write(chunk)
-        except OSError as error:
-            assert error.errno == errno.ENOSPC
-            path.unlink(missing_ok=True)
-            break
-        files.append(path)
-    while leave > 0 and files:
-        files.pop().unlink()
-        leave -= 65536
-    return files
 
 
 def test_a_disk_that_fills_up_mid_job_makes_it_wait_and_it_completes_once_space_is_back(

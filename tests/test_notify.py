@@ -9,13 +9,21 @@ import re
 import secrets
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from servicekit import Server, chat_file, drop, finished, status_of, wait_for, write_config
+from servicekit import (
+    Listener,
+    Server,
+    chat_file,
+    drop,
+    finished,
+    status_of,
+    wait_for,
+    write_config,
+)
 
 from watcher.notify import notify, watchdog_interval
 
@@ -23,45 +31,6 @@ from watcher.notify import notify, watchdog_interval
 SLOW = {"fake_seconds_per_step": 0.05, "fake_batch": 2}
 LONG_JOB = 240
 WATCHDOG_USEC = "2000000"  # pings every second
-
-
-class Listener:
-    """An AF_UNIX datagram socket where systemd's would be: every message, with when it
-    came. At READY=1 it looks whether the inbox's model folders exist yet."""
-
-    def __init__(self, address: str, model_folders: list[Path]) -> None:
-        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.socket.bind("\0" + address[1:] if address.startswith("@") else address)
-        self.socket.settimeout(0.1)
-        self.model_folders = model_folders
-        self.messages: list[tuple[float, str]] = []
-        self.folders_at_ready: bool | None = None
-        self.closing = threading.Event()
-        self.thread = threading.Thread(target=self._listen, daemon=True)
-        self.thread.start()
-
-    def _listen(self) -> None:
-        while not self.closing.is_set():
-            try:
-                data = self.socket.recv(4096)
-            except TimeoutError:
-                continue
-            arrived = time.monotonic()
-            for message in data.decode().splitlines():
-                if message == "READY=1":
-                    self.folders_at_ready = all(path.is_dir() for path in self.model_folders)
-                self.messages.append((arrived, message))
-
-    def close(self) -> None:
-        self.closing.set()
-        self.thread.join(2)
-        self.socket.close()
-
-    def times(self, message: str) -> list[float]:
-        return [moment for moment, text in self.messages if text == message]
-
-    def texts(self, prefix: str) -> list[tuple[float, str]]:
-        return [(moment, text) for moment, text in self.messages if text.startswith(prefix)]
 
 
 @pytest.fixture

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -253,19 +251,6 @@ def check_the_queue(slow_harness: Harness) -> None:
     assert run_order(slow_harness) == ["long.jsonl", "urgent.jsonl", "early.jsonl", "late.jsonl"]
     assert status_of(inbox / "long.status") == "cancelled"
     assert read_json(inbox / "urgent.status")["priority"] == 5
-
-
-@pytest.fixture
-def memory_path(tmp_path: Path) -> Iterator[Path]:
-    """A folder in RAM where there is one: every job costs about twenty fsyncs, which on a
-    slow disk would make a 200-job test a minute long without testing anything more."""
-    shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK)):
-        yield tmp_path
-        return
-    folder = Path(tempfile.mkdtemp(prefix="batchbox-test-", dir=shm))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_two_hundred_files_dropped_at_once_are_each_delivered_once(memory_path: Path) -> None:

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import yaml
 from crashkit import Dropped, check_site, drop_file, request_file
-from helpers import assert_every_line_once
+from helpers import assert_every_line_once, fill
 from servicekit import BATCHBOX, Server, read_json, status_of, wait_for, write_config
 from stopkit import Owned, gone, owning
 
@@ -216,38 +216,6 @@ def test_sigterm_while_a_large_file_is_claimed_stops_in_time(tmp_path: Path, own
 
 
 # -- waiting for the disk ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs, when this machine lets us mount one (it needs root)."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(folder: Path) -> list[Path]:
-    folder.mkdir(exist_ok=True)
-    files = []
-    while True:
-        path = folder / f"filler{len(files)}"
-        try:
-            path.write_bytes(b"x" * 65536)
-        except OSError:
-            path.unlink(missing_ok=True)
-            return files
-        files.append(path)
 
 
 def test_sigterm_while_waiting_for_the_disk_stops_in_time(

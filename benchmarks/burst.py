@@ -31,6 +31,14 @@ from pathlib import Path
 
 import psutil
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.claim_latency import (  # noqa: E402 - the repository's root comes first
+    batchbox_command,
+)
+from benchmarks.claim_latency import start_service as start_serve  # noqa: E402
+
 LINE = (
     '{{"custom_id": "d{index}", "method": "POST", "url": "/v1/chat/completions", '
     '"body": {{"messages": [{{"role": "user", "content": "Summarise document {index}"}}], '
@@ -68,11 +76,7 @@ def parse_arguments() -> argparse.Namespace:
 def service_command(profile: Path | None) -> list[str]:
     if profile is not None:
         return [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "watcher.cli"]
-    beside = Path(sys.executable).parent / "batchbox"
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("batchbox")
-    return [found] if found else [sys.executable, "-m", "watcher.cli"]
+    return batchbox_command()
 
 
 def write_config(root: Path, settle_seconds: float) -> Path:
@@ -90,21 +94,8 @@ def write_config(root: Path, settle_seconds: float) -> Path:
 
 
 def start_service(config: Path, profile: Path | None) -> subprocess.Popen:
-    log_path = config.parent / "serve.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [*service_command(profile), "-c", str(config), "serve"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=config.parent,
-        )
-    deadline = time.monotonic() + 60
-    while b"service_ready" not in log_path.read_bytes():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            sys.exit(f"batchbox serve did not start:\n{log_path.read_text(errors='replace')}")
-        time.sleep(0.05)
-    return process
+    command = service_command(profile)
+    return start_serve(config, config.parent / "serve.log", command, timeout=60)
 
 
 def cpu_seconds(process: psutil.Process) -> tuple[float, float, float]:

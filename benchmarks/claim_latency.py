@@ -67,15 +67,19 @@ def write_config(root: Path, arguments: argparse.Namespace) -> Path:
     return path
 
 
-def start_service(config: Path, log_path: Path) -> subprocess.Popen:
+def start_service(
+    config: Path, log_path: Path, command: list[str] | None = None, timeout: float = 30
+) -> subprocess.Popen:
+    """`batchbox serve` (or `command`'s) on the config, its log in `log_path`, once it is
+    ready; the script ends, saying why, when it is not within `timeout` seconds."""
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [*batchbox_command(), "-c", str(config), "serve"],
+            [*(command or batchbox_command()), "-c", str(config), "serve"],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=config.parent,
         )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while b"service_ready" not in log_path.read_bytes():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
